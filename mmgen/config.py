@@ -1,0 +1,492 @@
+"""Typed, nested, validated configuration.
+
+A config is a tree of dataclasses (model: vision, resampler, llm, mmfs, decoder; data; train;
+generate) loaded from YAML, with dotted ``key=value`` overrides from the command line:
+
+    cfg = load_config("configs/shapes_tiny.yaml", ["train.lr=1e-3", "model.mmfs.every_k=2"])
+
+Every value is type-checked against its field's annotation and every section validates its
+own invariants; problems raise :class:`ConfigError` with a message written for the user.
+This module must stay importable without torch (the CLI imports it at start-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes_tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type, unknown or inconsistent."""
+
+
+# ---------------------------------------------------------------------------------------------
+# model sections
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower: a local HF CLIP vision folder, or a tiny ViT built from these numbers."""
+
+    pretrained: str | None = None  # local folder with a CLIPVisionModel (or CLIPModel) checkpoint
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    # hidden-state layers (negative = from the end) that feed the multi-scale maps, and the
+    # scale of each map relative to the patch grid (the reference: 2, 1, 0.5, 0.25)
+    feature_layers: list[int] = field(default_factory=lambda: [-1])
+    feature_scales: list[float] = field(default_factory=lambda: [2.0, 1.0, 0.5])
+    trainable: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
+                  "intermediate_size")
+        if self.image_size % self.patch_size:
+            raise ConfigError("model.vision.image_size must be a multiple of model.vision.patch_size")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.vision.hidden_size must be divisible by model.vision.num_heads")
+        if not self.feature_layers:
+            raise ConfigError("model.vision.feature_layers must name at least one layer")
+        if not self.feature_scales or any(s <= 0 for s in self.feature_scales):
+            raise ConfigError("model.vision.feature_scales must be a non-empty list of positive numbers")
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver resampler: a fixed number of learned queries per image."""
+
+    num_queries: int = 8  # placeholder tokens per image (64 in the reference)
+    num_layers: int = 1
+    num_heads: int = 4
+    hidden_size: int = 64
+
+    def validate(self) -> None:
+        _positive(self, "num_queries", "num_layers", "num_heads", "hidden_size")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.resampler.hidden_size must be divisible by model.resampler.num_heads")
+
+
+@dataclass
+class LLMConfig:
+    """The causal LM: a local HF folder, or a tiny one of ``arch`` built from these numbers."""
+
+    pretrained: str | None = None  # local folder with an HF causal LM (config + safetensors)
+    tokenizer: str | None = None  # local tokenizer folder; defaults to `pretrained`
+    arch: Literal["llama", "qwen2", "gpt_neox", "mistral"] = "llama"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+    vocab_size: int = 1024  # size of the tokenizer trained on the corpus (tiny configs)
+    text_only_layers: int = 0  # CosMo: lower layers without MMFS
+    trainable: bool = True
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                  "max_position_embeddings", "vocab_size")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_heads")
+        if not 0 <= self.text_only_layers <= self.num_layers:
+            raise ConfigError("model.llm.text_only_layers must be between 0 and model.llm.num_layers")
+
+
+@dataclass
+class MMFSConfig:
+    """Multi-image feature synchronizer (DESIGN.md §5)."""
+
+    llm: bool = True  # MMFS layers inside the LLM
+    unet: bool = True  # MMFS blocks inside the UNet
+    every_k: int = 2  # an MMFS layer after every k-th LLM decoder layer (4 in the reference)
+    num_heads: int = 4
+    num_points: int = 4
+    hidden_size: int = 64  # width of the sampled values
+    max_images: int = 32  # size of the relative image-index embedding
+    unet_levels: list[int] = field(default_factory=lambda: [0, 1])  # UNet down-block levels with MMFS
+    trainable: bool = True  # the "sync" freeze group: MMFS, resampler, projections
+
+    def validate(self) -> None:
+        _positive(self, "every_k", "num_heads", "num_points", "hidden_size", "max_images")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("model.mmfs.hidden_size must be divisible by model.mmfs.num_heads")
+
+
+@dataclass
+class DecoderConfig:
+    """Stable Diffusion decoder: a local SD folder (unet/, vae/, scheduler/) or a tiny UNet."""
+
+    pretrained: str | None = None
+    use_vae: bool = False  # pixel-space diffusion when False (tiny configs only)
+    image_size: int = 32  # generated image size in pixels
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention_head_dim: int = 4
+    cross_attention_dim: int = 128
+    coord_channels: bool = False  # append x/y coordinate channels to the UNet input
+    context_tokens: int = 16  # perceiver output tokens (77 in the reference)
+    perceiver_layers: int = 1
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    snr_gamma: float | None = 5.0  # min-SNR loss weighting; null to disable
+    cfg_dropout: float = 0.1  # probability of the learned null context in training
+    trainable: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "image_size", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+                  "context_tokens", "perceiver_layers", "num_train_timesteps")
+        if not self.block_out_channels:
+            raise ConfigError("model.decoder.block_out_channels must not be empty")
+        if not 0.0 <= self.cfg_dropout < 1.0:
+            raise ConfigError("model.decoder.cfg_dropout must be in [0, 1)")
+        if self.use_vae and self.pretrained is None:
+            raise ConfigError("model.decoder.use_vae needs model.decoder.pretrained (an SD folder with vae/)")
+        down = 2 ** (len(self.block_out_channels) - 1)
+        factor = 8 if self.use_vae else 1
+        if self.image_size % (down * factor):
+            raise ConfigError(f"model.decoder.image_size must be a multiple of {down * factor} "
+                              "for this UNet")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    mmfs: MMFSConfig = field(default_factory=MMFSConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# data, training, generation
+
+
+@dataclass
+class SourceConfig:
+    """One training source; several are mixed with their weights."""
+
+    kind: Literal["shapes", "jsonl", "pairs"] = "shapes"
+    path: str | None = None  # a JSONL file or a folder of them (jsonl, pairs)
+    weight: float = 1.0
+    seed: int = 0  # shapes: the stream's seed
+
+    def validate(self) -> None:
+        if self.kind != "shapes" and not self.path:
+            raise ConfigError(f"data.sources: a `{self.kind}` source needs a `path`")
+        if self.weight <= 0:
+            raise ConfigError("data.sources: `weight` must be positive")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    seq_len: int = 256  # packed sequence length in tokens
+    image_size: int = 32  # images are resized to this for the vision tower and the decoder
+    max_images_per_seq: int = 16
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "seq_len", "image_size", "max_images_per_seq")
+        if not self.sources:
+            raise ConfigError("data.sources must hold at least one source")
+        for s in self.sources:
+            s.validate()
+
+
+@dataclass
+class LossWeights:
+    text: float = 1.0
+    image: float = 10.0  # λ in DESIGN.md §7 (reference: 10)
+    contrastive: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/shapes-tiny"
+    steps: int = 2000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4  # new modules
+    lr_pretrained: float = 1e-5  # pretrained UNet and MMFS sampling offsets
+    lr_min_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.995)
+    eps: float = 1e-6
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    save_every: int = 500
+    keep_last_n: int = 3
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "grad_accum", "save_every", "keep_last_n", "log_every")
+        if self.lr <= 0 or self.lr_pretrained <= 0:
+            raise ConfigError("train.lr and train.lr_pretrained must be positive")
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps must not be negative")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("train.ema_decay must be in (0, 1), or null to disable EMA")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("train.betas must both be in [0, 1)")
+
+
+@dataclass
+class GenerateConfig:
+    sampler: Literal["dpm++", "ddim", "ddpm", "euler"] = "dpm++"
+    steps: int = 20
+    guidance: float = 2.5
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_images: int = 4
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "steps", "max_new_tokens", "batch_size")
+        if self.max_images < 0:
+            raise ConfigError("generate.max_images must not be negative")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("generate.top_p must be in (0, 1]")
+        if self.temperature < 0:
+            raise ConfigError("generate.temperature must not be negative")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def validate(self) -> Config:
+        """Check every section and the invariants between sections; return self."""
+        for section in _walk(self):
+            if hasattr(section, "validate") and section is not self:
+                section.validate()
+        m, d = self.model, self.data
+        if m.vision.pretrained is None and m.vision.image_size != d.image_size:
+            raise ConfigError("model.vision.image_size must equal data.image_size for a tiny vision tower")
+        if m.decoder.pretrained is None and m.decoder.image_size != d.image_size:
+            raise ConfigError("model.decoder.image_size must equal data.image_size for a tiny decoder")
+        if m.resampler.num_queries + 2 >= d.seq_len:
+            raise ConfigError("data.seq_len is too short to hold one image")
+        if m.llm.pretrained is None and d.seq_len > m.llm.max_position_embeddings:
+            raise ConfigError("data.seq_len must not exceed model.llm.max_position_embeddings")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides, type checking
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (default: ``configs/shapes_tiny.yaml``), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        for item in overrides:
+            _apply_override(raw, item)
+        return from_dict(Config, raw).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from plain data (e.g. a checkpoint's ``config.yaml``)."""
+    return from_dict(Config, raw).validate()
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` must look like key.path=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override `{item}`: bad key `{key}`")
+    _field_type(Config, parts, key)  # unknown keys are rejected before touching the tree
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _field_type(cls: type, parts: list[str], key: str) -> Any:
+    tp: Any = cls
+    for i, p in enumerate(parts):
+        tp = _unwrap_optional(tp)
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"unknown config key `{key}`: `{'.'.join(parts[:i])}` has no sub-keys")
+        hints = typing.get_type_hints(tp)
+        if p not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(tp))
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown config key `{key}` (known at {where}: {known})")
+        tp = hints[p]
+    return tp
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every value against its annotation."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{where or 'config'}` must be a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(f"unknown config key `{key}` (known: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"`{where}` must be {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"`{where}` must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{where}` must be a list, got {_describe(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"`{where}` must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"`{where}` must be {_type_name(tp)}, got {_describe(value)}")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "a list"
+    if tp is type(None):
+        return "null"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"`{_section_name(obj)}.{n}` must be positive, got {getattr(obj, n)}")
+
+
+_SECTION_NAMES = {
+    "VisionConfig": "model.vision", "ResamplerConfig": "model.resampler", "LLMConfig": "model.llm",
+    "MMFSConfig": "model.mmfs", "DecoderConfig": "model.decoder", "DataConfig": "data",
+    "TrainConfig": "train", "GenerateConfig": "generate",
+}
+
+
+def _section_name(obj: Any) -> str:
+    return _SECTION_NAMES.get(type(obj).__name__, type(obj).__name__)
+
+
+def _walk(obj: Any):
+    yield obj
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                yield from _walk(v)
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
