@@ -155,7 +155,7 @@ class DecoderConfig:
             raise ConfigError("model.decoder.use_vae needs model.decoder.pretrained (an SD folder with vae/)")
         down = 2 ** (len(self.block_out_channels) - 1)
         factor = 8 if self.use_vae else 1
-        if self.image_size % (down * factor):
+        if self.pretrained is None and self.image_size % (down * factor):
             raise ConfigError(f"model.decoder.image_size must be a multiple of {down * factor} "
                               "for this UNet")
 
