@@ -1,0 +1,142 @@
+"""Training data: sources mixed by weight, drawn as a pure function of (seed, step, rank).
+
+Every micro-batch is drawn from its own generator seeded by (seed, step, micro-step, rank), so
+the data position *is* the step: a resumed run sees exactly the documents a straight run
+would have seen, with no iterator state to save, and each process of a distributed run
+draws different documents.
+
+Sources (``data.sources``):
+- ``shapes``: ShapeStories rendered on the fly at ``data.image_size``;
+- ``jsonl``: a JSONL file of documents, or a folder of them (DOCUMENTS.md);
+- ``pairs``: image–caption pairs, either as two-segment documents or as compact
+  ``{"image": PATH, "caption": TEXT}`` lines; each is shown in a random order (text then
+  image trains drawing, image then text trains captioning).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..config import DataConfig, SourceConfig
+from ..data.documents import Document, DocumentError, Segment, document_from_json, iter_records, safe_id
+from ..data.shapes import make_story
+
+
+class DataError(ValueError):
+    """A training source cannot be used."""
+
+
+class ShapesSource:
+    def __init__(self, cfg: SourceConfig, image_size: int):
+        self.seed = cfg.seed
+        self.image_size = image_size
+
+    def sample(self, rng: random.Random, name: str) -> Document:
+        return make_story(rng, size=self.image_size, story_id=name)
+
+
+def _jsonl_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        if not files:
+            raise DataError(f"{path}: the folder holds no .jsonl files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or folder")
+    return [path]
+
+
+class JsonlSource:
+    """Documents read once (images are loaded lazily, when a document is drawn)."""
+
+    def __init__(self, cfg: SourceConfig):
+        self.docs: list[Document] = []
+        problems: list[DocumentError] = []
+        for f in _jsonl_files(Path(cfg.path)):
+            for rec in self._records(f):
+                (problems if isinstance(rec, DocumentError) else self.docs).append(rec)
+        if problems:
+            shown = "\n  ".join(str(p) for p in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise DataError(f"{len(problems)} bad record(s) in {cfg.path} "
+                            f"(run `mmgen data validate`):\n  {shown}{more}")
+        if not self.docs:
+            raise DataError(f"{cfg.path}: no documents")
+
+    def _records(self, f: Path):
+        return iter_records(f)
+
+    def sample(self, rng: random.Random, name: str) -> Document:
+        return self.docs[rng.randrange(len(self.docs))]
+
+
+class PairsSource(JsonlSource):
+    """Image–caption pairs; the order of image and text is drawn per sample."""
+
+    def _records(self, f: Path):
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield DocumentError(f, i, f"not valid JSON: {e.msg}")
+                    continue
+                default_id = safe_id(f"{f.stem}-{i:06d}")
+                if isinstance(obj, dict) and "segments" not in obj and "image" in obj:
+                    caption = obj.get("caption", obj.get("text"))
+                    if not isinstance(obj["image"], str) or not isinstance(caption, str):
+                        yield DocumentError(f, i, 'a pair needs "image" (a path) and "caption" (a string)')
+                        continue
+                    obj = {"id": obj.get("id", default_id),
+                           "segments": [{"type": "image", "path": obj["image"]}, {"type": "text", "text": caption}]}
+                try:
+                    doc = document_from_json(obj, file=f, line=i, default_id=default_id)
+                except DocumentError as e:
+                    yield e
+                    continue
+                kinds = sorted(s.type for s in doc.segments)
+                if kinds != ["image", "text"] or any(s.is_placeholder for s in doc.segments):
+                    yield DocumentError(f, i, "a pair must hold exactly one image and one text")
+                    continue
+                yield doc
+
+    def sample(self, rng: random.Random, name: str) -> Document:
+        doc = super().sample(rng, name)
+        image = next(s for s in doc.segments if s.type == "image")
+        text = next(s for s in doc.segments if s.type == "text")
+        order = [text, image] if rng.random() < 0.5 else [image, text]
+        return Document(doc.id, order, doc.meta, doc.base_dir, doc.origin)
+
+
+def build_source(cfg: SourceConfig, data: DataConfig):
+    if cfg.kind == "shapes":
+        return ShapesSource(cfg, data.image_size)
+    if cfg.kind == "jsonl":
+        return JsonlSource(cfg)
+    return PairsSource(cfg)
+
+
+class DocumentStream:
+    """Draws the documents of any (step, micro-step, rank) deterministically."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.sources = [build_source(s, cfg) for s in cfg.sources]
+        self.weights = [s.weight for s in cfg.sources]
+        self.seeds = [s.seed for s in cfg.sources]
+        self.seed = seed
+
+    def rng(self, step: int, micro: int = 0, rank: int = 0) -> random.Random:
+        return random.Random(f"mmgen-train/{self.seed}/{step}/{micro}/{rank}")
+
+    def draw(self, rng: random.Random, k: int) -> list[Document]:
+        """The next ``k`` documents from ``rng``: a source by weight, then a document from it."""
+        docs = []
+        for i in range(k):
+            j = rng.choices(range(len(self.sources)), weights=self.weights)[0]
+            sub = random.Random(f"{self.seeds[j]}/{rng.getrandbits(64)}")
+            docs.append(self.sources[j].sample(sub, name=f"train-{i}"))
+        return docs
