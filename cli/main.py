@@ -114,7 +114,7 @@ def data_shapes(
     from .progress import progress_callback
 
     with progress_callback("stories", total=n) as advance:
-        path = write_corpus(out, n=n, seed=seed, size=size, progress=advance)
+        path = write_corpus(out, n=n, seed=seed, size=size, progress=lambda done, total: advance(1))
     typer.echo(f"wrote {n} stories to {path}")
 
 
