@@ -8,7 +8,9 @@ The contract lives in ``shared/SHAPESTORIES.md``; in short:
   size (half-extent s = 7 small / 12 large at W = 64) and position (3x3 grid, centres at
   0.25, 0.5, 0.75 W). Triangle: (cx, cy-s), (cx-s, cy+s), (cx+s, cy+s).
 - Rasterisation (ours): a pixel is painted when its centre (x + 0.5, y + 0.5) lies inside
-  the shape, boundary included. No antialiasing, so :func:`read_image` is exact.
+  the shape, boundary included; no antialiasing, so :func:`read_image` is exact. On a few
+  small canvases (W = 33-54) a digitised small circle or triangle would read back as another
+  shape; there :func:`half_extent` nudges s by at most 0.5 px (see there).
 - Sentences: intro ``A {size} {colour} {shape} is {where}.``; changes
   ``The {shape} turns {colour}.``, ``The {shape} moves to the {position}.``,
   ``The {shape} grows.`` / ``The {shape} shrinks.``, ``The {old} becomes a {new}.``
@@ -19,9 +21,10 @@ The contract lives in ``shared/SHAPESTORIES.md``; in short:
   [{shape, colour, size, position, background, change}, ...]}`` (``change`` is None for
   frame 1, else the changed attribute).
 - Reading: background = per-channel median of the outer 2-pixel ring, nearest table colour;
-  object pixels are farther than 60 (Euclidean RGB) from it; colour = nearest table colour
-  to their median; position = grid cell of their centroid; size small when half the larger
-  bounding-box side < 9.5 W/64; shape from fill ratio: > 0.9 square, > 0.65 circle, else
+  object pixels are farther than 60 (Euclidean RGB) from that table colour; colour = nearest
+  table colour to their median; position = grid cell of their centroid (pixel centres);
+  size small when half the larger bounding-box side (in pixels) < 9.5 W/64; shape from the
+  fill ratio (object pixels / bounding-box pixels): > 0.9 square, > 0.65 circle, else
   triangle.
 
 Seeds: training stories come from ``random.Random(seed)`` (an int seed); evaluation prompts
@@ -32,10 +35,12 @@ so individual frames do recur between training and evaluation; only the streams 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -142,11 +147,8 @@ def _centre(position: str, size: int) -> tuple[float, float]:
     return (0.25 + 0.25 * col) * size, (0.25 + 0.25 * row) * size
 
 
-def object_mask(shape: str, size_name: str, position: str, size: int = 64) -> np.ndarray:
-    """(W, W) bool mask of the pixels whose centres lie inside the shape (boundary included)."""
-    _check_size(size)
-    s = HALF_EXTENT[size_name] * size / 64
-    cx, cy = _centre(position, size)
+def _mask(shape: str, s: float, cx: float, cy: float, size: int) -> np.ndarray:
+    """(W, W) bool: pixels whose centres lie inside the shape of half-extent ``s`` (boundary in)."""
     c = np.arange(size, dtype=np.float64) + 0.5
     dx = c[None, :] - cx  # (1, W)
     dy = c[:, None] - cy  # (W, 1)
@@ -159,6 +161,33 @@ def object_mask(shape: str, size_name: str, position: str, size: int = 64) -> np
         # apex (cx, cy - s), base y = cy + s from cx - s to cx + s: half-width grows by 1/2 per row
         return (dy <= s + eps) & (np.abs(dx) <= (dy + s) / 2 + eps)
     raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+@functools.lru_cache(maxsize=4096)
+def half_extent(shape: str, size_name: str, position: str, size: int = 64) -> float:
+    """The half-extent in pixels that the renderer uses: s = 7 or 12 times W/64.
+
+    On a few small canvases (W = 33-54) the digitised small circle or triangle would read back
+    as another shape; there s is nudged by the smallest multiple of 0.01 px (at most 0.5 px)
+    that reads back right (<= 0.29 px). Checked for every W from 32 to 1024: only W = 33, 34,
+    35, 37, 40 and 54 need a nudge; W = 32 and 64 render with the exact s.
+    """
+    _check_size(size)
+    s = HALF_EXTENT[size_name] * size / 64
+    cx, cy = _centre(position, size)
+    want = (shape, size_name, position)
+    for k in range(51):
+        for candidate in (s - 0.01 * k, s + 0.01 * k) if k else (s,):
+            if _read_mask(_mask(shape, candidate, cx, cy, size), size, size) == want:
+                return candidate
+    raise AssertionError(f"no half-extent near {s} renders a readable {want} at W = {size}")
+
+
+def object_mask(shape: str, size_name: str, position: str, size: int = 64) -> np.ndarray:
+    """(W, W) bool mask of the object's pixels, as :func:`render_frame` paints them."""
+    s = half_extent(shape, size_name, position, size)
+    cx, cy = _centre(position, size)
+    return _mask(shape, s, cx, cy, size)
 
 
 def render_array(frame: Frame, size: int = 64) -> np.ndarray:
@@ -227,24 +256,25 @@ def parse_sentence(text: str) -> dict[str, str] | None:
     t = " ".join(text.split()).lower()
     if m := _INTRO.fullmatch(t):
         size, colour, shape, where = m.groups()
-        position = POSITIONS[WHERE.index(where)]
-        return {"kind": "intro", "shape": shape, "colour": colour, "size": size, "position": position}
+        pos = POSITIONS[WHERE.index(where)]
+        return {"kind": "intro", "shape": shape, "colour": colour, "size": size, "position": pos}
     if m := _TURNS.fullmatch(t):
-        return {"kind": "change", "change": "colour", "subject": m[1], "shape": m[1], "colour": m[2]}
+        return _change("colour", m[1], m[2])
     if m := _MOVES.fullmatch(t):
-        return {"kind": "change", "change": "position", "subject": m[1], "shape": m[1], "position": m[2]}
+        return _change("position", m[1], m[2])
     if m := _RESIZE.fullmatch(t):
-        size = "large" if m[2] == "grows" else "small"
-        return {"kind": "change", "change": "size", "subject": m[1], "shape": m[1], "size": size}
-    if m := _BECOMES.fullmatch(t):
-        if m[1] == m[2]:
-            return None  # not a change
-        return {"kind": "change", "change": "shape", "subject": m[1], "shape": m[2]}
+        return _change("size", m[1], "large" if m[2] == "grows" else "small")
+    if (m := _BECOMES.fullmatch(t)) and m[1] != m[2]:
+        return _change("shape", m[1], m[2])
     return None
 
 
+def _change(attr: str, subject: str, value: str) -> dict[str, str]:
+    return {"kind": "change", "change": attr, "subject": subject, "shape": subject, attr: value}
+
+
 def apply_change(frame_attrs: dict[str, Any], parsed: dict[str, str]) -> dict[str, Any]:
-    """The attributes after ``parsed`` (from :func:`parse_sentence`); ``frame_attrs`` is not modified.
+    """The attributes after ``parsed`` (from :func:`parse_sentence`); the input is not modified.
 
     An introduction sets all four object attributes; a change sets only the changed one.
     Other keys (e.g. ``background``) are kept.
@@ -290,7 +320,9 @@ def random_frames(rng: random.Random, n: int) -> tuple[list[Frame], list[str | N
     return frames, changes
 
 
-def _truth(frames: list[Frame], changes: list[str | None], size: int, **extra: Any) -> dict[str, Any]:
+def _truth(
+    frames: list[Frame], changes: list[str | None], size: int, **extra: Any
+) -> dict[str, Any]:
     return {
         "version": VERSION,
         **extra,
@@ -327,6 +359,38 @@ def stream_stories(seed: int, size: int = 64, *, prefix: str = "story") -> Itera
         i += 1
 
 
+def save_documents(
+    docs: Iterable[Document],
+    out_dir: str | Path,
+    *,
+    filename: str = "documents.jsonl",
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write documents as JSONL in ``out_dir``, in-memory images as ``images/{id}-{k}.png``.
+
+    k counts a document's images from 1; image paths are relative to ``out_dir``. PNGs carry
+    no metadata, so the same documents give byte-identical files. The documents are not
+    modified. ``progress(done)`` is called after each document. Returns the JSONL path.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    path = out / filename
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for i, doc in enumerate(docs):
+            record = doc.to_json()
+            k = 0
+            for seg, seg_json in zip(doc.segments, record["segments"]):
+                if seg.type == "image" and seg.image is not None:
+                    k += 1
+                    rel = f"images/{doc.id}-{k}.png"
+                    seg.image.save(out / rel, format="PNG", optimize=False, compress_level=6)
+                    seg_json["path"] = rel
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if progress is not None:
+                progress(i + 1)
+    return path
+
+
 def write_corpus(
     out_dir: str | Path,
     n: int,
@@ -337,28 +401,13 @@ def write_corpus(
 ) -> Path:
     """Write the first ``n`` stories of ``stream_stories(seed, size)`` to ``out_dir``.
 
-    Writes ``out_dir/documents.jsonl`` and ``out_dir/images/{id}-{k}.png`` (k from 1), with
-    image paths relative to ``out_dir``. The same arguments give byte-identical files.
+    Writes ``out_dir/documents.jsonl`` and ``out_dir/images/{id}-{k}.png`` (see
+    :func:`save_documents`); the same arguments give byte-identical files.
     ``progress(done, n)`` is called after each story. Returns the JSONL path.
     """
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    path = out / "documents.jsonl"
-    stories = stream_stories(seed, size)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for i in range(n):
-            doc = next(stories)
-            k = 0
-            for seg in doc.segments:
-                if seg.type == "image":
-                    k += 1
-                    seg.path = f"images/{doc.id}-{k}.png"
-                    seg.image.save(out / seg.path, format="PNG", optimize=False, compress_level=6)
-                    seg.image = None
-            f.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
-            if progress is not None:
-                progress(i + 1, n)
-    return path
+    docs = itertools.islice(stream_stories(seed, size), n)
+    report = None if progress is None else (lambda done: progress(done, n))
+    return save_documents(docs, out_dir, progress=report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +447,8 @@ def eval_prompts(task: str, n: int, seed: int, size: int = 64) -> list[Document]
             ]
         else:
             segments = [intro]
-        truth = _truth(frames, changes, size, task=task, order="text-image")
+        order = "image-text" if task == "caption" else "text-image"
+        truth = _truth(frames, changes, size, task=task, order=order)
         docs.append(Document(f"{task}-{i:04d}", segments, meta={"shapes": truth}))
     return docs
 
@@ -413,8 +463,20 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> str:
     return names[int(np.argmin(d))]
 
 
+def _read_mask(mask: np.ndarray, w: int, h: int) -> tuple[str, str, str]:
+    """(shape, size, position) of a non-empty (H, W) object mask, by the contract's rule."""
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5  # centroid of pixel centres
+    col, row = min(2, int(3 * cx / w)), min(2, int(3 * cy / h))
+    bw, bh = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)  # bounding box, px
+    size = "small" if max(bw, bh) / 2 < SIZE_THRESHOLD * w / 64 else "large"
+    fill = len(xs) / (bw * bh)
+    shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
+    return shape, size, POSITIONS[3 * row + col]
+
+
 def read_image(img: Image.Image | np.ndarray) -> dict[str, Any]:
-    """Read a frame back by the contract's rule.
+    """Read a frame back by the contract's rule (``img``: PIL image or (H, W, 3) 0-255 array).
 
     Returns ``{"found", "background", "shape", "colour", "size", "position"}``; with no
     object pixels, ``found`` is False and the object attributes are None.
@@ -436,19 +498,12 @@ def read_image(img: Image.Image | np.ndarray) -> dict[str, Any]:
     mask = np.linalg.norm(a - bg_rgb, axis=2) > OBJECT_DISTANCE  # (H, W)
     out: dict[str, Any] = {"found": False, "background": background}
     out.update(dict.fromkeys(ATTRIBUTES))
-    area = int(mask.sum())
-    if area == 0:
+    if not mask.any():
         return out
-    ys, xs = np.nonzero(mask)
-    # 3. colour, position (centroid of pixel centres), size and shape (bounding box)
+    # 3. colour: nearest to the median; shape, size, position: from the mask's geometry
     colour = _nearest(np.median(a[mask], axis=0), COLOURS)
-    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-    col, row = min(2, int(3 * cx / w)), min(2, int(3 * cy / h))
-    bw, bh = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
-    size = "small" if max(bw, bh) / 2 < SIZE_THRESHOLD * w / 64 else "large"
-    fill = area / (bw * bh)
-    shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
-    out.update(found=True, shape=shape, colour=colour, size=size, position=POSITIONS[3 * row + col])
+    shape, size, position = _read_mask(mask, w, h)
+    out.update(found=True, shape=shape, colour=colour, size=size, position=position)
     return out
 
 
