@@ -158,6 +158,17 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a huge bad value can't flood a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(key: str) -> str:
+    """An object key for a message: as written if short and printable, else escaped and cut."""
+    return key if len(key) <= 60 and key.isprintable() else _shown(key)[1:-1]
+
+
 def _parse_segment(raw: Any, where: str) -> Segment:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected an object, got {_json_type(raw)}")
@@ -165,11 +176,11 @@ def _parse_segment(raw: Any, where: str) -> Segment:
         raise ValueError(f"{where}: missing `type` (text, image or video)")
     kind = raw["type"]
     if not isinstance(kind, str) or kind not in SEGMENT_TYPES:
-        shown = repr(kind) if isinstance(kind, str) else _json_type(kind)
+        shown = _shown(kind) if isinstance(kind, str) else _json_type(kind)
         raise ValueError(f"{where}: unknown type {shown} (expected text, image or video)")
     for key in raw:
         if key not in _ALL_SEGMENT_KEYS:
-            raise ValueError(f"{where}: unknown key `{key}` (allowed: {', '.join(_SEGMENT_KEYS[kind])})")
+            raise ValueError(f"{where}: unknown key `{_key(key)}` (allowed: {', '.join(_SEGMENT_KEYS[kind])})")
         if key not in _SEGMENT_KEYS[kind]:
             raise ValueError(f"{where}: `{key}` does not apply to {kind} segments")
     text, path = raw.get("text"), raw.get("path")
@@ -180,12 +191,12 @@ def _parse_segment(raw: Any, where: str) -> Segment:
         raise ValueError(f"{where}: `path` must be a non-empty string without NUL, got {_json_type(path)}")
     if "frames" in raw and (not isinstance(frames, int) or isinstance(frames, bool)
                             or not 1 <= frames <= MAX_FRAMES):
-        raise ValueError(f"{where}: `frames` must be a whole number from 1 to {MAX_FRAMES}, got {frames!r}")
+        raise ValueError(f"{where}: `frames` must be a whole number from 1 to {MAX_FRAMES}, got {_shown(frames)}")
     if "fps" in raw and (not isinstance(fps, (int, float)) or isinstance(fps, bool)
                          or not 0 < fps <= MAX_FPS):
-        raise ValueError(f"{where}: `fps` must be a number above 0 and at most {MAX_FPS:g}, got {fps!r}")
+        raise ValueError(f"{where}: `fps` must be a number above 0 and at most {MAX_FPS:g}, got {_shown(fps)}")
     if "source" in raw and source not in SOURCES:
-        raise ValueError(f"{where}: `source` must be \"prompt\" or \"generated\", got {source!r}")
+        raise ValueError(f"{where}: `source` must be \"prompt\" or \"generated\", got {_shown(source)}")
     return Segment(type=kind, text=text, path=path, frames=frames,
                    fps=float(fps) if fps is not None else None, source=source)
 
@@ -207,7 +218,7 @@ def document_from_json(obj: Any, *, file: str | Path, line: int, default_id: str
             raise ValueError(f"expected a JSON object, got {_json_type(obj)}")
         for key in obj:
             if key not in _DOCUMENT_KEYS:
-                raise ValueError(f"unknown key `{key}` (allowed: id, segments, meta)")
+                raise ValueError(f"unknown key `{_key(key)}` (allowed: id, segments, meta)")
         raw_id = obj.get("id", default_id)
         if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
             raise ValueError(f"`id` must be a string, got {_json_type(raw_id)}")
@@ -244,7 +255,7 @@ def file_problem(path: Path) -> str | None:
     except PermissionError:
         return "permission denied"
     except (OSError, ValueError) as e:
-        return f"cannot be accessed ({e})"
+        return f"cannot be accessed ({getattr(e, 'strerror', None) or e})"  # not the name again
     if stat.S_ISDIR(st.st_mode):
         return "is a directory, not a file"
     if not stat.S_ISREG(st.st_mode):
@@ -256,9 +267,36 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # "\ud800": may be half a pair, or alone
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string (or key) of a parsed JSON value, else None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"\\u{ord(v[e.start]):04x}"
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
 def _parse_json(text: str, file: Path, line: int) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant)
+        # JSON may escape a lone surrogate ("\ud800"); it is not Unicode, so it could never
+        # be written back as UTF-8 (document.json, write_documents) or shown: refuse it here.
+        lone = _lone_surrogate(obj) if _SURROGATE_ESCAPE.search(text) else None
+        if lone:
+            raise ValueError(f"lone surrogate {lone} in a string (not valid Unicode)")
+        return obj
     except json.JSONDecodeError as e:
         raise DocumentError(file, line + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:

@@ -20,6 +20,14 @@ class _MediaError(Exception):
     """What is wrong with one media file, without its path (callers add the location)."""
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` for a one-line message: control characters escaped, a huge one cut short."""
+    text = str(path)
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 300 else f"{text[:200]}...{text[-97:]}"
+
+
 def _open_image(path: Path, *, convert: bool = True) -> Image.Image:
     problem = file_problem(path)
     if problem:
@@ -138,7 +146,7 @@ def document_images(doc: Document, *, default_frames: int = 4) -> list[Image.Ima
             else:
                 images.extend(_video_frames(path, seg.frames, seg.fps, default_frames))
         except _MediaError as e:
-            raise doc.error(f"segment {i}: {e}: {path}") from None
+            raise doc.error(f"segment {i}: {e}: {_shown_path(path)}") from None
     return images
 
 
@@ -153,7 +161,7 @@ def media_problem(kind: str, path: Path) -> str | None:
         elif kind == "video":
             _open_video(path)
     except _MediaError as e:
-        return f"{e}: {path}"
+        return f"{e}: {_shown_path(path)}"
     except Exception as e:
-        return f"cannot check {kind} ({type(e).__name__}: {e}): {path}"
+        return f"cannot check {kind} ({type(e).__name__}: {e}): {_shown_path(path)}"
     return None

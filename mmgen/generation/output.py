@@ -48,10 +48,15 @@ def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
 
 
 def unique_folder(out: Path, doc_id: str, taken: set[str]) -> tuple[str, Path]:
-    """A safe folder name for ``doc_id`` inside ``out``, distinct from ``taken``."""
+    """A safe folder name for ``doc_id`` inside ``out``, distinct from ``taken``.
+
+    Names are compared ignoring case (``Story`` and ``story`` are one folder on macOS and
+    Windows), and ``index.html`` is kept for the run index.
+    """
     base = safe_id(doc_id)
+    used = {t.lower() for t in taken} | {"index.html"}
     name, k = base, 1
-    while name in taken:
+    while name.lower() in used:
         k += 1
         name = f"{base}-{k}"
     taken.add(name)
@@ -75,8 +80,12 @@ def write_document(doc: Document, folder: Path) -> Written:
                 out.type, out.frames, out.fps = "image", None, None
                 out.path = f"images/{k:02d}.png"
                 seg.image.save(folder / out.path, format="PNG")
-            elif seg.type in ("image", "video") and seg.path is not None:
-                out.path = str(doc.resolve(seg.path).resolve())  # a prompt file not copied: absolute
+            elif seg.type == "image" and seg.path is not None:  # a prompt image: copied in
+                from ..data.media import load_image
+
+                k += 1
+                out.path = f"images/{k:02d}.png"
+                load_image(doc.resolve(seg.path)).save(folder / out.path, format="PNG")
             segments.append(out)
         record = Document(doc.id, segments, doc.meta)
         _atomic_text(folder / "document.json", json.dumps(record.to_json(), indent=2, ensure_ascii=False) + "\n")
@@ -98,7 +107,10 @@ def write_run_index(out: Path, written: list[Written], failed: list[str]) -> Pat
     page = _page("mmgen — generated documents",
                  f"<h1>Generated documents</h1><ul>{items}</ul>{fails}")
     path = out / "index.html"
-    _atomic_text(path, page)
+    try:
+        _atomic_text(path, page)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
 
 
@@ -121,7 +133,7 @@ def document_markdown(doc: Document) -> str:
     lines = [f"# {doc.id}", ""]
     for seg in doc.segments:
         if seg.type == "text" and seg.text is not None:
-            lines += [seg.text, ""]
+            lines += [html.escape(seg.text, quote=False), ""]
         elif seg.type == "image" and seg.path is not None:
             lines += [f"![{seg.source or 'prompt'} image]({seg.path})", ""]
     return "\n".join(lines)

@@ -1,0 +1,336 @@
+"""Image decoder: a diffusers UNet conditioned on LLM context and on earlier images (MMFS).
+
+Shape legend: N images to decode, T context tokens (LLM hidden states), K perceiver output
+tokens, X cross-attention width, M previous-image slots, L vision levels, C UNet channels,
+S image side, s latent side (S in pixel space).
+
+DESIGN.md §6: the LLM hidden states of an image's context (document start … its ``<boi>``)
+go through a small perceiver to K tokens for the UNet's cross-attention; a learned null
+context replaces them with probability ``cfg_dropout`` in training and is the unconditional
+branch of classifier-free guidance. At chosen down blocks the UNet feature map reads the
+multi-scale vision features of the previous images through MMFS, added through a
+zero-initialised 1×1 convolution (ControlNet style), by forward hooks on the down blocks —
+diffusers' code is used as it is. The hooks act only inside :meth:`ImageDecoder.image_context`.
+Both guidance branches see the previous images: guidance amplifies the text condition only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, UNet2DConditionModel)
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from mmgen.config import DecoderConfig, MMFSConfig
+from mmgen.models.mmfs import MMFS
+from mmgen.models.resampler import Perceiver
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("dpm++", "ddim", "ddpm", "euler")
+
+
+def make_sampler(name: str, steps: int, train_config: dict, device: torch.device | str | None = None):
+    """A diffusers scheduler for sampling, built ``from_config`` of the training scheduler's config,
+    with ``steps`` timesteps set."""
+    if name == "dpm++":
+        sched = DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++")
+    elif name == "ddim":
+        sched = DDIMScheduler.from_config(train_config)
+    elif name == "ddpm":
+        sched = DDPMScheduler.from_config(train_config)
+    elif name == "euler":
+        sched = EulerDiscreteScheduler.from_config(train_config)
+    else:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    with warnings.catch_warnings():  # diffusers' np.array(tensor) under numpy 2: harmless
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        sched.set_timesteps(steps, device=device)
+    return sched
+
+
+def _tiny_unet(cfg: DecoderConfig) -> UNet2DConditionModel:
+    """A UNet from ``cfg``'s numbers: cross-attention at every level but the first, and in the middle."""
+    n = len(cfg.block_out_channels)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size, in_channels=3 + (2 if cfg.coord_channels else 0), out_channels=3,
+        down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=math.gcd(32, *cfg.block_out_channels))
+
+
+def _sd_folder(cfg: DecoderConfig) -> Path:
+    folder = Path(cfg.pretrained)
+    missing = [sub for sub in ("unet", "scheduler") + (("vae",) if cfg.use_vae else ())
+               if not (folder / sub).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model.decoder.pretrained: {folder} is not a local Stable Diffusion "
+                                f"folder (missing {', '.join(s + '/' for s in missing)})")
+    return folder
+
+
+def _heads(width: int) -> int:
+    head_dim = 64 if width >= 512 else 32
+    return max(1, width // head_dim) if width % head_dim == 0 else 1
+
+
+class ContextPerceiver(nn.Module):
+    """LLM context (N, T, llm_dim) + mask (N, T) → UNet context (N, K, X); learned null context."""
+
+    def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
+        super().__init__()
+        self.perceiver = Perceiver(llm_dim, cross_dim, width=cross_dim, num_queries=cfg.context_tokens,
+                                   num_layers=cfg.perceiver_layers, num_heads=_heads(cross_dim))
+        self.null_context = nn.Parameter(torch.randn(cfg.context_tokens, cross_dim) * 0.02)  # (K, X)
+
+    def null(self, n: int) -> torch.Tensor:
+        return self.null_context.unsqueeze(0).expand(n, -1, -1)  # (n, K, X)
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """``drop`` (N,) bool marks the rows replaced by the null context."""
+        out = self.perceiver(context, mask)  # (N, K, X)
+        if drop is not None:
+            out = torch.where(drop[:, None, None], self.null(out.shape[0]).to(out.dtype), out)
+        return out
+
+
+class UNetMMFS(nn.Module):
+    """One UNet level reading previous images: feature map (N, C, h, w) → delta (N, C, h, w)."""
+
+    def __init__(self, channels: int, vision_dim: int, mmfs_cfg: MMFSConfig, num_levels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        self.mmfs = MMFS(channels, vision_dim, hidden_size=mmfs_cfg.hidden_size,
+                         num_heads=mmfs_cfg.num_heads, num_points=mmfs_cfg.num_points,
+                         num_levels=num_levels, max_images=mmfs_cfg.max_images)
+        self.zero_conv = nn.Conv2d(channels, channels, kernel_size=1)
+        nn.init.zeros_(self.zero_conv.weight)
+        nn.init.zeros_(self.zero_conv.bias)
+        self.state: tuple | None = None  # (values, visible (N, M)) inside ImageDecoder.image_context
+
+    def forward(self, h: torch.Tensor, values, visible: torch.Tensor) -> torch.Tensor:
+        N, C, H, W = h.shape
+        q = self.norm(h).flatten(2).transpose(1, 2)  # (N, h·w, C)
+        ys = (torch.arange(H, device=h.device, dtype=h.dtype) + 0.5) / H
+        xs = (torch.arange(W, device=h.device, dtype=h.dtype) + 0.5) / W
+        ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(1, H * W, 2)  # (1, h·w, 2) as (x, y)
+        vis = visible[:, None, :].expand(N, H * W, visible.shape[-1])  # (N, h·w, M)
+        out = self.mmfs(q, values, vis, ref.expand(N, -1, -1))  # (N, h·w, C)
+        out = out.transpose(1, 2).reshape(N, C, H, W)  # (N, C, h, w)
+        return self.zero_conv(out)
+
+    def hook(self, module: nn.Module, args, output):
+        """Forward hook on a UNet down block: add the delta to its output and its last residual."""
+        if self.state is None:
+            return None
+        hidden, residuals = output  # (N, C, h, w), tuple of skip tensors (the last is `hidden`)
+        hidden = hidden + self(hidden, *self.state)
+        return hidden, residuals[:-1] + (hidden,)
+
+
+class ImageDecoder(nn.Module):
+    """UNet (+ VAE) + scheduler + context perceiver + MMFS blocks; ``loss`` and ``sample``."""
+
+    def __init__(self, cfg: DecoderConfig, mmfs_cfg: MMFSConfig, *, llm_dim: int, vision_dim: int,
+                 num_levels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vae: AutoencoderKL | None = None
+        if cfg.pretrained is not None:
+            if cfg.coord_channels:
+                raise ValueError("model.decoder.coord_channels needs a UNet built from the config, "
+                                 "not model.decoder.pretrained")
+            folder = _sd_folder(cfg)
+            self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+            self.scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+            if cfg.use_vae:
+                self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
+                self.vae.requires_grad_(False)
+            if self.scheduler.config.prediction_type != cfg.prediction_type:
+                log.info("decoder: using the folder's prediction type %r (config says %r)",
+                         self.scheduler.config.prediction_type, cfg.prediction_type)
+        else:
+            self.unet = _tiny_unet(cfg)
+            self.scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                                           beta_schedule=cfg.beta_schedule,
+                                           prediction_type=cfg.prediction_type,
+                                           timestep_spacing="trailing")
+        uc = self.unet.config
+        self.cross_dim = uc.cross_attention_dim
+        self.perceiver = ContextPerceiver(cfg, llm_dim, self.cross_dim)
+        self.mmfs_blocks = nn.ModuleDict()
+        if mmfs_cfg.unet:
+            for level in mmfs_cfg.unet_levels:
+                if not 0 <= level < len(self.unet.down_blocks):
+                    raise ValueError(f"model.mmfs.unet_levels: level {level} does not exist in a UNet "
+                                     f"with {len(self.unet.down_blocks)} down blocks")
+                block = UNetMMFS(uc.block_out_channels[level], vision_dim, mmfs_cfg, num_levels)
+                self.mmfs_blocks[str(level)] = block
+                self.unet.down_blocks[level].register_forward_hook(block.hook)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
+        self.latent_channels = self.vae.config.latent_channels if self.vae else 3
+        expected = self.latent_channels + (2 if cfg.coord_channels else 0)
+        if uc.in_channels != expected or uc.out_channels != self.latent_channels:
+            raise ValueError(f"the UNet takes {uc.in_channels} and gives {uc.out_channels} channels, but "
+                             f"{'the VAE latents have' if self.vae else 'pixel-space diffusion needs'} "
+                             f"{self.latent_channels}; check model.decoder.use_vae")
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    def make_sampler(self, name: str, steps: int, device: torch.device | str | None = None):
+        return make_sampler(name, steps, self.scheduler.config, device)
+
+    @contextmanager
+    def image_context(self, prev_features: list[torch.Tensor] | None, prev_visible: torch.Tensor | None):
+        """Let the MMFS hooks read previous images for the duration of a call.
+
+        Args: prev_features [(N, M, C_v, H_l, W_l)] per level; prev_visible (N, M) bool.
+        Without features (or with none visible) the hooks do nothing.
+        """
+        active = (prev_features is not None and prev_visible is not None and len(self.mmfs_blocks) > 0
+                  and prev_visible.shape[-1] > 0 and bool(prev_visible.any()))
+        if active:
+            for block in self.mmfs_blocks.values():
+                block.state = (block.mmfs.prepare_values(prev_features), prev_visible.bool())
+        try:
+            yield
+        finally:
+            for block in self.mmfs_blocks.values():
+                block.state = None
+
+    def _coords(self, x: torch.Tensor) -> torch.Tensor:
+        """Append x/y coordinate channels in [-1, 1]: (N, c, s, s) → (N, c+2, s, s)."""
+        N, _, H, W = x.shape
+        ys = torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=x.device, dtype=x.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)  # (2, s, s)
+        return torch.cat([x, grid.unsqueeze(0).expand(N, -1, -1, -1)], dim=1)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One UNet call: x (N, c, s, s), t (N,) or scalar, context (N, K, X) → prediction (N, c, s, s)."""
+        if self.cfg.coord_channels:
+            x = self._coords(x)
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) in [-1, 1] → diffusion space (N, c, s, s)."""
+        if self.vae is None:
+            return images
+        with torch.no_grad():
+            z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion space (N, c, s, s) → images (N, 3, S, S) in [-1, 1]."""
+        if self.vae is not None:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            z = self.vae.decode((z / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample
+        return z.float().clamp(-1.0, 1.0)
+
+    # --- training ------------------------------------------------------------------------------
+
+    def loss(self, x0: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None,
+             prev_features: list[torch.Tensor] | None = None, prev_visible: torch.Tensor | None = None,
+             *, uncond: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-image diffusion loss (N,).
+
+        Args: x0 (N, 3, S, S) in [-1, 1]; context (N, T, llm_dim) with mask (N, T) (None: null);
+        prev_features/prev_visible as in :meth:`image_context`; ``uncond`` (N,) bool forces the
+        null context on those rows (default: each row with probability ``cfg_dropout`` in training).
+        """
+        z0 = self.encode(x0)  # (N, c, s, s)
+        N, device = z0.shape[0], z0.device
+        noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=z0.dtype)
+        T = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (N,), generator=generator, device="cpu" if generator is None
+                          else generator.device).to(device)
+        zt = self.scheduler.add_noise(z0, noise, t)  # (N, c, s, s)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(z0, noise, t)
+        else:
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+        if uncond is None:
+            p = self.cfg.cfg_dropout if self.training else 0.0
+            uncond = torch.rand(N, generator=generator, device="cpu" if generator is None
+                                else generator.device).to(device) < p
+        if context is None:
+            cond = self.perceiver.null(N)
+        else:
+            cond = self.perceiver(context, context_mask, drop=uncond.to(device))  # (N, K, X)
+
+        with self.image_context(prev_features, prev_visible):
+            pred = self.denoise(zt, t, cond)  # (N, c, s, s)
+        mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
+        if self.cfg.snr_gamma is None:
+            return mse
+        ac = self.scheduler.alphas_cumprod.to(device)[t].float()
+        snr = ac / (1.0 - ac)  # (N,)
+        clipped = snr.clamp(max=self.cfg.snr_gamma)
+        # min-SNR-γ: ε-loss weight min(snr, γ)/snr; the v-loss is (snr+1)× the ε-loss in x0 terms
+        weight = clipped / (snr + 1.0) if self.prediction_type == "v_prediction" else clipped / snr.clamp(min=1e-8)
+        return mse * weight
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, context: torch.Tensor | None, context_mask: torch.Tensor | None,
+               prev_features: list[torch.Tensor] | None = None, prev_visible: torch.Tensor | None = None,
+               *, sampler: str = "dpm++", steps: int = 20, guidance: float = 2.5,
+               generator: torch.Generator | None = None, num_images: int | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Images (N, 3, S, S) in [-1, 1] from context (N, T, llm_dim) (None: unconditional)."""
+        device = next(self.unet.parameters()).device
+        dtype = self.unet.dtype
+        # 1. encode the condition; the null context is the unconditional branch
+        N = context.shape[0] if context is not None else num_images
+        if N is None:
+            raise ValueError("sample() without context needs num_images")
+        cond = self.perceiver(context, context_mask) if context is not None else self.perceiver.null(N)
+        do_cfg = context is not None and guidance != 1.0
+        if do_cfg:
+            cond = torch.cat([self.perceiver.null(N).to(cond.dtype), cond])  # (2N, K, X)
+            if prev_features is not None and prev_visible is not None:
+                prev_features = [torch.cat([f, f]) for f in prev_features]
+                prev_visible = torch.cat([prev_visible, prev_visible])
+
+        # 2. prepare the timesteps
+        sched = self.make_sampler(sampler, steps, device)
+
+        # 3. prepare the initial noise
+        side = self.cfg.image_size // self.vae_factor
+        latents = randn_tensor((N, self.latent_channels, side, side), generator=generator,
+                               device=device, dtype=dtype) * sched.init_noise_sigma
+
+        # 4. denoise, with classifier-free guidance on a batch of [uncond; cond]
+        with self.image_context(prev_features, prev_visible):
+            for t in tqdm(sched.timesteps, desc="denoise", disable=not progress, leave=False):
+                inp = torch.cat([latents, latents]) if do_cfg else latents
+                inp = sched.scale_model_input(inp, t)
+                pred = self.denoise(inp, t, cond)
+                if do_cfg:
+                    uncond_pred, cond_pred = pred.chunk(2)
+                    pred = uncond_pred + guidance * (cond_pred - uncond_pred)
+                latents = sched.step(pred, t, latents, generator=generator).prev_sample
+
+        # 5. decode
+        return self.decode(latents)

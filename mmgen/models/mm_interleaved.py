@@ -1,0 +1,255 @@
+"""MM-Interleaved: vision → resampler → LLM with MMFS → text loss, + image decoder → image loss.
+
+Shape legend: B rows, T tokens, N images in the batch, n images with an image loss, Q
+placeholders per image, D LLM width, C vision width, M image slots per row, L levels,
+K context length (longest document prefix up to an image's ``<boi>``).
+
+One training step (DESIGN.md §1–§7):
+1. every image → vision tokens (N, 1+G², C) and multi-scale maps [(N, C, H_l, W_l)];
+2. the resampler turns the tokens into Q embeddings that replace the image's placeholders;
+3. the LLM (with MMFS reading each row's image slots) gives logits and last hidden states;
+4. text loss: next-token cross-entropy on ``labels`` (logits[t] predicts labels[t + 1]);
+5. image loss: for every image with ``image_loss_mask``, the hidden states of its document
+   from the start to its ``<boi>`` condition the decoder, which also reads (MMFS) the images
+   that its ``<boi>`` sees.
+
+A checkpoint folder (``save_pretrained``) holds ``model.safetensors``, the fully resolved
+``config.yaml`` and ``tokenizer/``. Components of real configs are built from their local
+folders (the ``pretrained`` fields), so those folders must exist when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from mmgen.config import Config, config_from_dict
+from mmgen.data.collate import IGNORE, Batch
+from mmgen.data.tokenizer import load_tokenizer, special_ids
+from mmgen.models.image_decoder import ImageDecoder
+from mmgen.models.llm import MMFSLanguageModel, build_llm
+from mmgen.models.resampler import Resampler
+from mmgen.models.vision import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+FREEZE_GROUPS = ("vision", "llm", "sync", "decoder")
+
+
+class MMInterleaved(nn.Module):
+    """The composed model. ``forward(batch) -> {"loss", "text_loss", "image_loss"}``."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        super().__init__()
+        m = cfg.model
+        if cfg.train.loss_weights.contrastive:
+            raise ValueError("train.loss_weights.contrastive > 0 needs the CosMo contrastive loss, "
+                             "which this model does not implement yet; set it to 0")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.special = special_ids(tokenizer)
+        self.vision = VisionEncoder(m.vision)
+        C, L = self.vision.out_dim, self.vision.num_levels
+        lm = build_llm(m.llm, len(tokenizer))
+        self.llm = MMFSLanguageModel(lm, m.mmfs, value_dim=C, num_levels=L, text_only_layers=m.llm.text_only_layers,
+                                     gradient_checkpointing=m.llm.gradient_checkpointing)
+        D = lm.get_input_embeddings().embedding_dim
+        self.resampler = Resampler(m.resampler, C, D)
+        self.decoder = ImageDecoder(m.decoder, m.mmfs, llm_dim=D, vision_dim=C, num_levels=L)
+        self.set_trainable()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- the pieces of a step (also used by generation) -----------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images (N, 3, S, S) in [-1, 1] → placeholder embeddings (N, Q, D), maps [(N, C, H_l, W_l)]."""
+        tokens, maps = self.vision(images)  # (N, 1+G², C)
+        return self.resampler(tokens), maps
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
+              image_row: torch.Tensor | None = None, image_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with each image's placeholders replaced by its Q embeddings."""
+        embeds = self.llm.embed_tokens(input_ids)  # (B, T, D)
+        if image_embeds is None or image_embeds.shape[0] == 0:
+            return embeds
+        rows = image_row[:, None].expand_as(image_positions)  # (N, Q)
+        return embeds.index_put((rows, image_positions), image_embeds.to(embeds.dtype))  # (B, T, D)
+
+    @staticmethod
+    def row_features(maps: list[torch.Tensor], row_images: torch.Tensor) -> list[torch.Tensor]:
+        """Gather each row's images into slots: [(N, C, H, W)] + (B, M) → [(B, M, C, H, W)].
+
+        Empty slots (-1) hold image 0's maps; they are never visible.
+        """
+        idx = row_images.clamp(min=0)  # (B, M)
+        return [f[idx] for f in maps]
+
+    @staticmethod
+    def context_index(boi: torch.Tensor, boi_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token indices of each image's context: its document from the start to its ``<boi>``.
+
+        Args: boi (n,) position of each <boi> in its row; boi_position (n,) its position id
+        (positions restart at 0 for every packed document). Returns index (n, K), mask (n, K).
+        """
+        length = boi_position + 1  # (n,)
+        K = int(length.max()) if length.numel() else 0
+        offs = torch.arange(K, device=boi.device)  # (K,)
+        mask = offs[None, :] < length[:, None]  # (n, K)
+        index = (boi - boi_position)[:, None] + offs[None, :]  # (n, K)
+        return torch.where(mask, index, boi[:, None].expand_as(index)), mask
+
+    def image_conditions(self, batch: Batch, hidden: torch.Tensor, maps: list[torch.Tensor],
+                         which: torch.Tensor) -> tuple:
+        """Decoder inputs of images ``which`` (n,): context (n, K, D), mask (n, K), previous images.
+
+        Returns: context, mask, prev_features [(n, M', C, H_l, W_l)], prev_visible (n, M') — the
+        images its ``<boi>`` sees (earlier images of its own document), compacted to the first M'
+        slots in their order (M' = the most any of them sees): MMFS cost grows with the slots.
+        """
+        rows, boi = batch.image_row[which], batch.image_boi[which]  # (n,)
+        index, mask = self.context_index(boi, batch.position_ids[rows, boi])  # (n, K)
+        context = hidden[rows[:, None], index]  # (n, K, D)
+        visible = batch.visible[rows, boi]  # (n, M)
+        keep = max(1, int(visible.sum(1).max()))  # M'
+        order = torch.sort((~visible).to(torch.uint8), dim=1, stable=True).indices[:, :keep]  # (n, M') visible first
+        prev_visible = visible.gather(1, order)  # (n, M')
+        prev_features = self.row_features(maps, batch.row_images[rows].gather(1, order))  # [(n, M', C, H_l, W_l)]
+        return context, mask, prev_features, prev_visible
+
+    def image_losses(self, batch: Batch, hidden: torch.Tensor, maps: list[torch.Tensor],
+                     limit: int | None = None) -> torch.Tensor:
+        """Per-image diffusion losses (n,) of the images with ``image_loss_mask`` (at most ``limit``)."""
+        which = batch.image_loss_mask.nonzero().squeeze(-1)  # (n,)
+        if limit is not None and which.numel() > limit:
+            which = which[torch.randperm(which.numel(), device=which.device)[:limit]].sort().values
+        if which.numel() == 0:
+            return hidden.new_zeros(0)
+        context, mask, prev_features, prev_visible = self.image_conditions(batch, hidden, maps, which)
+        return self.decoder.loss(batch.images[which], context, mask, prev_features, prev_visible)
+
+    def forward(self, batch: Batch, *, image_loss_limit: int | None = None) -> dict[str, torch.Tensor]:
+        """Losses of one packed batch; ``image_loss_limit`` caps the images the decoder trains on."""
+        has_images = batch.num_images > 0
+        # 1-2. vision tokens → placeholder embeddings; multi-scale maps for the synchronizers
+        if has_images:
+            image_embeds, maps = self.encode_images(batch.images)  # (N, Q, D), [(N, C, H_l, W_l)]
+            features = self.row_features(maps, batch.row_images)  # [(B, M, C, H_l, W_l)]
+        else:
+            image_embeds, maps, features = None, [], None
+        embeds = self.embed(batch.input_ids, image_embeds, batch.image_row, batch.image_positions)
+
+        # 3. the LLM over packed rows
+        out = self.llm(inputs_embeds=embeds, segment_ids=batch.segment_ids, position_ids=batch.position_ids,
+                       image_features=features, visible=batch.visible if has_images else None)
+
+        # 4. next-token text loss, averaged over the labelled tokens
+        logits = out.logits[:, :-1].float()  # (B, T-1, V)
+        labels = batch.labels[:, 1:]  # (B, T-1)
+        n_text = (labels != IGNORE).sum()
+        text_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                    ignore_index=IGNORE, reduction="sum") / n_text.clamp(min=1)
+
+        # 5. diffusion loss of every image with context
+        per_image = self.image_losses(batch, out.last_hidden_state, maps, image_loss_limit) if has_images \
+            else out.last_hidden_state.new_zeros(0)
+        image_loss = per_image.mean() if per_image.numel() else out.last_hidden_state.new_zeros(())
+
+        w = self.cfg.train.loss_weights
+        return {"loss": w.text * text_loss + w.image * image_loss, "text_loss": text_loss,
+                "image_loss": image_loss}
+
+    # --- freezing and optimiser groups -----------------------------------------------------------
+
+    def groups(self) -> dict[str, list[nn.Module]]:
+        """The freeze groups: vision tower, LLM, synchronizers (MMFS + resampler), decoder."""
+        return {
+            "vision": [self.vision],
+            "llm": [self.llm.lm],
+            "sync": [self.resampler, self.llm.mmfs, self.decoder.mmfs_blocks],
+            "decoder": [self.decoder.unet, self.decoder.perceiver],
+        }
+
+    def set_trainable(self, *, vision: bool | None = None, llm: bool | None = None, sync: bool | None = None,
+                      decoder: bool | None = None) -> None:
+        """Set requires_grad per group; None takes the config's flag. The VAE is always frozen."""
+        m = self.cfg.model
+        flags = {"vision": m.vision.trainable if vision is None else vision,
+                 "llm": m.llm.trainable if llm is None else llm,
+                 "sync": m.mmfs.trainable if sync is None else sync,
+                 "decoder": m.decoder.trainable if decoder is None else decoder}
+        for name, modules in self.groups().items():
+            for module in modules:
+                module.requires_grad_(flags[name])
+        if self.decoder.vae is not None:
+            self.decoder.vae.requires_grad_(False)
+
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups of the trainable parameters: name, params, lr, weight_decay.
+
+        ``train.lr_pretrained`` goes to pretrained components (UNet, LLM, vision tower from a
+        folder) and to MMFS sampling offsets; ``train.lr`` to the rest. No weight decay on
+        biases, norms, gates, sampling offsets and other 1-D parameters.
+        """
+        t, m = self.cfg.train, self.cfg.model
+        pretrained = {id(p) for module, folder in ((self.decoder.unet, m.decoder.pretrained),
+                                                   (self.llm.lm, m.llm.pretrained), (self.vision, m.vision.pretrained))
+                      if folder is not None for p in module.parameters()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            slow = id(p) in pretrained or "sampling_offsets" in name
+            no_decay = p.ndim < 2 or any(k in name for k in ("sampling_offsets", "gate", "norm"))
+            groups.setdefault((slow, no_decay), []).append(p)
+        out = []
+        for (slow, no_decay), params in sorted(groups.items()):
+            out.append({"name": ("pretrained" if slow else "new") + ("_no_decay" if no_decay else ""),
+                        "params": params, "lr": t.lr_pretrained if slow else t.lr,
+                        "weight_decay": 0.0 if no_decay else t.weight_decay})
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``model.safetensors`` (shared tensors stored once), ``config.yaml``, ``tokenizer/``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "mmgen"})
+        (folder / CONFIG_NAME).write_text(self.cfg.to_yaml(), encoding="utf-8")
+        self.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> MMInterleaved:
+        """Load a folder written by :meth:`save_pretrained` (safetensors only, strict keys)."""
+        folder = Path(folder)
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR) if not (folder / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is not an mmgen checkpoint folder: {', '.join(missing)} "
+                                    f"{'is' if len(missing) == 1 else 'are'} missing")
+        try:
+            raw = yaml.safe_load((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"{folder / CONFIG_NAME}: not valid YAML: {e}") from None
+        cfg = config_from_dict(raw or {})
+        model = cls(cfg, load_tokenizer(folder / TOKENIZER_DIR))
+        try:
+            load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+        except SafetensorError as e:
+            raise ValueError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
+        except RuntimeError as e:
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME}: {e}") from None
+        return model.to(device)

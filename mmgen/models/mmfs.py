@@ -1,0 +1,245 @@
+"""Multi-image feature synchronizer (MMFS): multi-scale, multi-image deformable attention.
+
+DESIGN.md §5. Every query reads a few bilinearly sampled points from the multi-scale feature
+maps of the images it may see, Deformable-DETR style, instead of attending to every image
+token. Pure PyTorch (``F.grid_sample``), so it runs on CPU and GPU alike.
+
+Shape legend:
+    B  batch rows                  Q  queries per row
+    M  image slots per row         L  feature levels (scales)
+    P  sampling points             H  heads
+    D  hidden width (hidden_size)  Dh head width D // H
+    C  query width (query_dim)     Cv value width (value_dim)
+    N  B * M * H sampled maps      R  max_images + 1 rows of the image-index table
+
+Conventions: points are (x, y) in [0, 1] image coordinates, sampled with
+``align_corners=False`` and zero padding, so (0, 0) is the top-left corner of the image and
+(0.5, 0.5) its centre. A sampling offset is in pixels of the level it samples: the location on
+level l is ``ref + offset / (W_l, H_l)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MMFS", "GatedMMFS", "image_ranks"]
+
+
+def _sampling_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _PointSum(torch.autograd.Function):
+    """``(samples * weights).sum(2)`` for samples (N, Dh, P, K), weights (N, 1, P, K).
+
+    The same maths as autograd's, in fewer passes over the samples: no (N, Dh, P, K) product
+    is materialised forward, and the samples' gradient comes out contiguous, as
+    ``grid_sample``'s backward wants it (otherwise it copies).
+    """
+
+    @staticmethod
+    def forward(ctx, samples: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(samples, weights)
+        out = samples[:, :, 0] * weights[:, :, 0]  # (N, Dh, K)
+        for p in range(1, samples.shape[2]):
+            out.addcmul_(samples[:, :, p], weights[:, :, p])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        samples, weights = ctx.saved_tensors
+        grad_samples = grad.unsqueeze(2) * weights  # (N, Dh, P, K)
+        grad_weights = torch.stack([torch.linalg.vecdot(grad, samples[:, :, p], dim=1)
+                                    for p in range(samples.shape[2])], 1)  # (N, P, K)
+        return grad_samples, grad_weights.unsqueeze(1)
+
+
+def image_ranks(visible: Tensor, max_images: int) -> Tensor:
+    """Relative index of each visible image: the most recent visible slot is 1, the one before 2.
+
+    Args:
+        visible: (B, Q, M) bool, query q of row b may read image slot m.
+        max_images: ranks are clamped to this value.
+    Returns:
+        (B, Q, M) long; 0 where the slot is invisible.
+    """
+    # rank[b, q, m] = number of visible slots m' >= m (a reversed cumulative sum)
+    rank = visible.flip(-1).long().cumsum(-1).flip(-1)  # (B, Q, M)
+    return rank.clamp(max=max_images) * visible
+
+
+class MMFS(nn.Module):
+    """Multi-scale, multi-image deformable attention with a null slot per image and level.
+
+    Per query and head it predicts P sampling offsets (shared across levels, scaled per
+    level) and attention logits over images x levels x (P + 1); the extra "null" slot has a
+    zero value, so a query may attend to nothing. A relative image-index embedding is added
+    to the query before both projections. The softmax is joint over all visible images,
+    levels and slots; invisible images are masked out; queries that see no image return 0.
+    """
+
+    def __init__(self, query_dim: int, value_dim: int, *, hidden_size: int, num_heads: int,
+                 num_points: int, num_levels: int, max_images: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.num_points, self.num_levels, self.max_images = num_points, num_levels, max_images
+        self.sampling_offsets = nn.Linear(query_dim, num_heads * num_points * 2)
+        self.attention_weights = nn.Linear(query_dim, num_heads * num_levels * (num_points + 1))
+        # row r is the r-th most recent visible image; row 0 (invisible) only ever gets masked
+        self.image_index_embed = nn.Embedding(max_images + 1, query_dim)
+        self.value_proj = nn.Linear(value_dim, hidden_size)
+        self.output_proj = nn.Linear(hidden_size, query_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable-DETR init: offsets start on a ring per head, attention is uniform."""
+        H, P = self.num_heads, self.num_points
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(H, dtype=torch.float32) * (2 * math.pi / H)
+        ring = torch.stack([theta.cos(), theta.sin()], -1)  # (H, 2)
+        ring = ring / ring.abs().amax(-1, keepdim=True)  # onto the unit square
+        ring = ring[:, None, :] * torch.arange(1, P + 1, dtype=torch.float32)[None, :, None]  # (H, P, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(ring.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.normal_(self.image_index_embed.weight)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def prepare_values(self, features: list[Tensor]) -> list[Tensor]:
+        """Project the multi-scale features once per image.
+
+        Args:
+            features: L tensors (B, M, Cv, H_l, W_l), per-row padded image slots.
+        Returns:
+            L atlases (B * H, Dh, M * H_l, W_l), float32 at least: per row and head, the row's images
+            stacked top to bottom, so that one ``grid_sample`` reads any (query, image) pair.
+        """
+        if len(features) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} feature levels, got {len(features)}")
+        D, H, w, b = self.hidden_size, self.num_heads, self.value_proj.weight, self.value_proj.bias
+        values = []
+        for f in features:
+            B, M, Cv, Hl, Wl = f.shape
+            # a 1x1 projection of channel-first maps is one batched matmul, no input copy
+            v = torch.baddbmm(b[None, :, None].expand(B * M, D, 1), w.expand(B * M, D, Cv),
+                              f.reshape(B * M, Cv, Hl * Wl))  # (B*M, D, HW)
+            v = v.view(B, M, D, Hl * Wl).transpose(1, 2)  # (B, D, M, HW)
+            # fp16/bf16 are sampled in float32 (as Deformable DETR's kernel does): atlas
+            # coordinates need the precision
+            v = v.contiguous() if v.dtype == (dt := _sampling_dtype(v.dtype)) else v.to(dt, memory_format=torch.contiguous_format)
+            values.append(v.view(B * H, D // H, M * Hl, Wl))  # (B*H, Dh, M*H_l, W_l)
+        return values
+
+    def forward(self, query: Tensor, values: list[Tensor], visible: Tensor,
+                ref_points: Tensor | None = None) -> Tensor:
+        """Sample the visible images' features for every query.
+
+        Args:
+            query: (B, Q, C).
+            values: from :meth:`prepare_values`.
+            visible: (B, Q, M) bool, query q of row b may read image slot m.
+            ref_points: (B, Q, 2) in [0, 1], (x, y); None puts every query at the image centre.
+        Returns:
+            (B, Q, C); exactly 0 for queries that see no image.
+        """
+        B, Q, C = query.shape
+        M, H, L, P = visible.shape[-1], self.num_heads, self.num_levels, self.num_points
+        if len(values) != L:
+            raise ValueError(f"expected {L} value levels, got {len(values)}")
+        visible = visible.bool()
+        has_image = visible.any(-1, keepdim=True)  # (B, Q, 1)
+        if M == 0 or not has_image.any():
+            return query.new_zeros(B, Q, C)
+
+        # 1. logits per (query, image): a linear of (q + e) is (W q + b) + W e, so the queries
+        #    are projected once and the projected image-index table is gathered by rank
+        rank = image_ranks(visible, self.max_images)  # (B, Q, M)
+        table = self.image_index_embed.weight
+        logit = self.attention_weights(query)[:, :, None] + F.linear(table, self.attention_weights.weight)[rank]
+        dt = values[0].dtype  # the sampling dtype, float32 at least
+        logit = logit.to(dt).view(B, Q, M, H, L * (P + 1))  # (B, Q, M, H, L*(P+1))
+
+        # 2. joint softmax over visible images x levels x (points + null); the null slot's value
+        #    is zero, so it only enters the normaliser. A finite fill keeps rows that see nothing
+        #    NaN-free (in the backward too); none of their entries is ever read.
+        logit = logit.masked_fill(~visible[..., None, None], torch.finfo(dt).min)
+        attn = (logit - logit.logsumexp((2, 4), keepdim=True)).exp()  # (B, Q, M, H, L*(P+1))
+        attn = attn.view(B, Q, M, H, L, P + 1)[..., :P]  # (B, Q, M, H, L, P)
+
+        # 3. only visible (image, query) pairs are sampled: per row, image-major (neighbouring
+        #    pairs read the same image), rows padded to the longest with zero-weight pairs
+        vis = visible.transpose(1, 2).flatten(1)  # (B, M*Q)
+        count = vis.sum(1)  # (B,)
+        K = int(count.max())
+        pair = torch.argsort(~vis, dim=1, stable=True)[:, :K]  # (B, K) visible first, in order
+        pm, pq = pair // Q, pair % Q  # (B, K)
+        row = torch.arange(B, device=query.device)[:, None]  # (B, 1)
+        valid = torch.arange(K, device=query.device) < count[:, None]  # (B, K)
+
+        off = self.sampling_offsets(query)[row, pq] + F.linear(table, self.sampling_offsets.weight)[rank[row, pq, pm]]
+        off = off.to(dt).view(B, K, H, P, 2).permute(0, 2, 3, 1, 4).contiguous()  # (B, H, P, K, 2)
+        w = (attn[row, pq, pm] * valid[..., None, None, None]).permute(0, 2, 3, 4, 1).contiguous()  # (B, H, L, P, K)
+        if ref_points is None:
+            ref = off.new_full((1, 1, 1, 1, 2), 0.5)
+        else:
+            ref = ref_points.to(dt)[row, pq][:, None, None]  # (B, 1, 1, K, 2)
+        top = pm[:, None, None].to(dt)  # (B, 1, 1, K) first atlas row of each pair's image, in image heights
+
+        # 4. one grid_sample per level over all (pair, head) points, weighted and summed over
+        #    points right away. Images touch in the atlas, so y is clamped into the pair's own
+        #    image and zero padding is emulated with a factor that fades it out beyond the edge
+        #    (exact: bilinear weights are linear in the distance to the edge)
+        out = None
+        for lvl, v in enumerate(values):
+            Hl, Wl = v.shape[-2] // M, v.shape[-1]
+            pix = ref * off.new_tensor([Wl, Hl]) + off - 0.5  # (B, H, P, K, 2) pixel coordinates
+            x, y = pix.unbind(-1)  # (B, H, P, K)
+            fade = (1 - (-y).clamp(0, 1)) * (1 - (y - (Hl - 1)).clamp(0, 1))  # (B, H, P, K)
+            gx = (x + 0.5) * (2 / Wl) - 1
+            gy = (top * Hl + y.clamp(0, Hl - 1) + 0.5) * (2 / (M * Hl)) - 1
+            grid = torch.stack([gx, gy], -1).view(B * H, P, K, 2)  # (B*H, P, K, 2)
+            s = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*H, Dh, P, K)
+            s = _PointSum.apply(s, (w[:, :, lvl] * fade).view(B * H, 1, P, K))  # (B*H, Dh, K)
+            out = s if out is None else out + s
+
+        # 5. back to queries: each pair adds to its query's column (a scatter along the last
+        #    dimension keeps the gradient of the samples contiguous); then the output projection
+        out = out.view(B, self.hidden_size, K)  # (B, D, K)
+        out = out.new_zeros(B, self.hidden_size, Q).scatter_add(2, pq[:, None].expand_as(out), out)  # (B, D, Q)
+        out = self.output_proj(out.transpose(1, 2).to(query.dtype))  # (B, Q, C)
+        return out * has_image.to(out.dtype)
+
+
+class GatedMMFS(nn.Module):
+    """Residual MMFS branch for the LLM: ``tanh(gate) * MMFS(LayerNorm(hidden))``.
+
+    The gate is a scalar initialised to 0, so the branch is exactly 0 at step 0 and the
+    wrapped LLM reproduces the plain one. The caller adds the output to the residual stream.
+    """
+
+    def __init__(self, query_dim: int, value_dim: int, *, hidden_size: int, num_heads: int,
+                 num_points: int, num_levels: int, max_images: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(query_dim, eps=eps)
+        self.mmfs = MMFS(query_dim, value_dim, hidden_size=hidden_size, num_heads=num_heads,
+                         num_points=num_points, num_levels=num_levels, max_images=max_images)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def prepare_values(self, features: list[Tensor]) -> list[Tensor]:
+        """See :meth:`MMFS.prepare_values`."""
+        return self.mmfs.prepare_values(features)
+
+    def forward(self, hidden: Tensor, values: list[Tensor], visible: Tensor,
+                ref_points: Tensor | None = None) -> Tensor:
+        """(B, Q, C) hidden states -> (B, Q, C) branch output, to be added to the residual."""
+        return torch.tanh(self.gate) * self.mmfs(self.norm(hidden), values, visible, ref_points)

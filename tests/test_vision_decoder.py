@@ -1,0 +1,255 @@
+"""Vision encoder, resampler and image decoder: tiny random components, seconds on CPU."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from mmgen.config import DecoderConfig, VisionConfig, load_config
+from mmgen.models.image_decoder import SAMPLERS, ImageDecoder
+from mmgen.models.resampler import Resampler
+from mmgen.models.vision import VisionEncoder
+
+LLM_DIM = 128
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config().model
+
+
+@pytest.fixture(scope="module")
+def vision(cfg):
+    torch.manual_seed(0)
+    return VisionEncoder(cfg.vision).eval()
+
+
+def make_decoder(cfg, vision_dim=64, num_levels=3, **overrides):
+    torch.manual_seed(0)
+    dec_cfg = dataclasses.replace(cfg.decoder, **overrides)
+    return ImageDecoder(dec_cfg, cfg.mmfs, llm_dim=LLM_DIM, vision_dim=vision_dim, num_levels=num_levels)
+
+
+def inputs(n=3, m=2, seed=0):
+    """Random images, LLM context with padding, previous-image features and visibility."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    context = torch.randn(n, 10, LLM_DIM, generator=g)
+    mask = torch.ones(n, 10, dtype=torch.bool)
+    mask[0, 4:] = False
+    feats = [torch.randn(n, m, 64, s, s, generator=g) for s in (16, 8, 4)]
+    visible = torch.ones(n, m, dtype=torch.bool)
+    visible[0, 1] = False
+    visible[-1] = False  # the first image of a story: nothing to read
+    return x0, context, mask, feats, visible
+
+
+def open_zero_convs(dec, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in dec.mmfs_blocks.values():
+            block.zero_conv.weight.copy_(torch.randn(block.zero_conv.weight.shape, generator=g) * 0.1)
+
+
+# --- vision and resampler ---------------------------------------------------------------------
+
+
+def test_vision_shapes(vision):
+    tokens, maps = vision(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert tokens.shape == (2, 1 + 8 * 8, 64)
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4)]
+    assert vision.out_dim == 64 and vision.num_levels == 3
+    tokens2, maps2 = vision(torch.rand(2, 3, 48, 48) * 2 - 1)  # resized to the tower's size
+    assert tokens2.shape == tokens.shape and maps2[0].shape == maps[0].shape
+
+
+def test_vision_layers_per_scale():
+    cfg = VisionConfig(feature_layers=[0, -1], feature_scales=[2.0, 1.0])
+    tokens, maps = VisionEncoder(cfg)(torch.zeros(1, 3, 32, 32))
+    assert [tuple(m.shape) for m in maps] == [(1, 64, 16, 16), (1, 64, 8, 8)]
+    with pytest.raises(ValueError, match="feature_layers"):
+        VisionEncoder(VisionConfig(feature_layers=[0, 1], feature_scales=[2.0, 1.0, 0.5]))
+
+
+def test_resampler_shape(cfg):
+    r = Resampler(cfg.resampler, 64, LLM_DIM)
+    out = r(torch.randn(3, 65, 64))
+    assert out.shape == (3, cfg.resampler.num_queries, LLM_DIM)
+    mask = torch.ones(3, 65, dtype=torch.bool)
+    mask[:, 30:] = False
+    x = torch.randn(3, 65, 64)
+    y = x.clone()
+    y[:, 30:] = 1e3  # masked tokens must not matter
+    assert torch.allclose(r(x, mask), r(y, mask), atol=1e-6)
+
+
+# --- decoder ----------------------------------------------------------------------------------
+
+
+def test_decoder_sizes(cfg):
+    dec = make_decoder(cfg)
+    unet_m = sum(p.numel() for p in dec.unet.parameters()) / 1e6
+    assert 1.5 < unet_m < 2.0  # the measured recipe's 1.7M UNet
+    assert [type(b).__name__ for b in dec.unet.down_blocks] == [
+        "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert sorted(dec.mmfs_blocks) == ["0", "1"]
+    assert not any(k.startswith("unet.") and "mmfs" in k for k in dec.state_dict())
+
+
+def test_loss_and_gradients(cfg):
+    dec = make_decoder(cfg).train()
+    x0, context, mask, feats, visible = inputs()
+    uncond = torch.tensor([False, True, False])
+    loss = dec.loss(x0, context, mask, feats, visible, uncond=uncond)
+    assert loss.shape == (3,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    grads = dict(dec.named_parameters())
+    for name in ("unet.conv_in.weight", "perceiver.perceiver.queries", "perceiver.null_context",
+                 "mmfs_blocks.0.zero_conv.weight", "mmfs_blocks.1.zero_conv.weight"):
+        assert grads[name].grad is not None and grads[name].grad.abs().sum() > 0, name
+    # through an opened zero conv, the gradient reaches MMFS itself
+    dec.zero_grad()
+    open_zero_convs(dec)
+    dec.loss(x0, context, mask, feats, visible, uncond=uncond).mean().backward()
+    for level in ("0", "1"):
+        assert grads[f"mmfs_blocks.{level}.mmfs.value_proj.weight"].grad.abs().sum() > 0
+
+
+def test_loss_epsilon_and_no_snr(cfg):
+    for overrides in ({"prediction_type": "epsilon"}, {"snr_gamma": None}):
+        dec = make_decoder(cfg, **overrides)
+        x0, context, mask, feats, visible = inputs()
+        loss = dec.loss(x0, context, mask, feats, visible, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss).all()
+    assert torch.isfinite(dec.loss(x0, None, None)).all()  # no context at all: the null context
+
+
+def test_zero_init_leaves_unet_unchanged(cfg):
+    dec = make_decoder(cfg).eval()
+    x0, context, mask, feats, visible = inputs()
+    t = torch.tensor([10, 500, 990])
+    cond = dec.perceiver(context, mask)
+    with torch.no_grad():
+        plain = dec.denoise(x0, t, cond)
+        with dec.image_context(feats, visible):
+            synced = dec.denoise(x0, t, cond)
+    assert torch.equal(plain, synced)
+
+    # opened zero convs: the previous image's features now change the output ...
+    open_zero_convs(dec)
+    feats2 = [f.clone() for f in feats]
+    for f in feats2:
+        f[:, 0] += 1.0  # change the previous image in slot 0
+    with torch.no_grad():
+        with dec.image_context(feats, visible):
+            a = dec.denoise(x0, t, cond)
+        with dec.image_context(feats2, visible):
+            b = dec.denoise(x0, t, cond)
+        after = dec.denoise(x0, t, cond)  # ... only inside the context
+    changed = (a - b).flatten(1).abs().amax(1)
+    assert changed[0] > 0 and changed[1] > 0
+    assert changed[2] == 0  # the last row sees no previous image
+    assert torch.equal(after, plain)
+
+
+def test_deepcopy_keeps_hooks_on_the_copy(cfg):
+    """EMA copies the decoder: the copy's hooks must use the copy's MMFS blocks."""
+    dec = make_decoder(cfg).eval()
+    ema = copy.deepcopy(dec)
+    open_zero_convs(ema)
+    x0, context, mask, feats, visible = inputs()
+    t = torch.tensor([10, 500, 990])
+    cond = dec.perceiver(context, mask)
+    with torch.no_grad():
+        ref = dec.denoise(x0, t, cond)
+        with dec.image_context(feats, visible):
+            assert torch.equal(dec.denoise(x0, t, cond), ref)
+        with ema.image_context(feats, visible):
+            assert not torch.equal(ema.denoise(x0, t, cond), ref)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sample_range_and_determinism(cfg, sampler):
+    dec = make_decoder(cfg).eval()
+    open_zero_convs(dec)
+    _, context, mask, feats, visible = inputs(n=2)
+    kw = dict(sampler=sampler, steps=3, guidance=2.5)
+    a = dec.sample(context, mask, feats, visible, generator=torch.Generator().manual_seed(7), **kw)
+    b = dec.sample(context, mask, feats, visible, generator=torch.Generator().manual_seed(7), **kw)
+    c = dec.sample(context, mask, feats, visible, generator=torch.Generator().manual_seed(8), **kw)
+    assert a.shape == (2, 3, 32, 32)
+    assert a.min() >= -1 and a.max() <= 1 and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_coord_channels(cfg):
+    dec = make_decoder(cfg, coord_channels=True)
+    assert dec.unet.config.in_channels == 5
+    x0, context, mask, feats, visible = inputs(n=2)
+    assert torch.isfinite(dec.loss(x0, context, mask, feats, visible)).all()
+    assert dec.sample(context, mask, steps=2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
+
+
+# --- real-folder loading ----------------------------------------------------------------------
+
+
+def test_pretrained_vision_folder(tmp_path, vision):
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64))
+    tower.save_pretrained(tmp_path / "clip", safe_serialization=True)
+    enc = VisionEncoder(VisionConfig(pretrained=str(tmp_path / "clip"), feature_layers=[-2])).eval()
+    assert enc.out_dim == 32 and enc.grid == 4
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    tokens, maps = enc(x)
+    assert tokens.shape == (2, 17, 32) and [m.shape[-1] for m in maps] == [8, 4, 2]
+    loaded = enc.tower.state_dict()
+    assert loaded.keys() == tower.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in tower.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="model.vision.pretrained"):
+        VisionEncoder(VisionConfig(pretrained=str(tmp_path / "missing")))
+
+
+def save_sd_folder(folder, *, prediction_type="epsilon"):
+    """A tiny Stable-Diffusion-style folder: unet/, vae/ (2× down), scheduler/."""
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ).save_pretrained(folder / "unet", safe_serialization=True)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=8, sample_size=32,
+    ).save_pretrained(folder / "vae", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=prediction_type,
+                  clip_sample=False).save_pretrained(folder / "scheduler")
+
+
+def test_pretrained_sd_folder(tmp_path, cfg):
+    save_sd_folder(tmp_path / "sd")
+    dec_cfg = DecoderConfig(pretrained=str(tmp_path / "sd"), use_vae=True, image_size=32, context_tokens=5,
+                            prediction_type="v_prediction")
+    dec = ImageDecoder(dec_cfg, cfg.mmfs, llm_dim=LLM_DIM, vision_dim=64, num_levels=3)
+    assert dec.prediction_type == "epsilon"  # the folder's scheduler decides
+    assert dec.vae is not None and dec.vae_factor == 2 and dec.cross_dim == 32
+    assert not any(p.requires_grad for p in dec.vae.parameters())
+    ref = UNet2DConditionModel.from_pretrained(tmp_path / "sd", subfolder="unet")
+    assert all(torch.equal(dec.unet.state_dict()[k], v) for k, v in ref.state_dict().items())
+    x0, context, mask, feats, visible = inputs(n=2)
+    loss = dec.loss(x0, context, mask, feats, visible)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    out = dec.sample(context, mask, feats, visible, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
+
+    with pytest.raises(ValueError, match="use_vae"):  # a latent UNet cannot diffuse pixels
+        ImageDecoder(dataclasses.replace(dec_cfg, use_vae=False), cfg.mmfs, llm_dim=LLM_DIM, vision_dim=64,
+                     num_levels=3)
+    with pytest.raises(FileNotFoundError, match="vae/"):
+        ImageDecoder(dataclasses.replace(dec_cfg, pretrained=str(tmp_path)), cfg.mmfs, llm_dim=LLM_DIM,
+                     vision_dim=64, num_levels=3)
