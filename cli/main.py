@@ -51,6 +51,36 @@ def _load_config(config: Path | None, overrides: list[str] | None):
 
 
 # ---------------------------------------------------------------------------------------------
+# mmgen train
+
+
+@app.command("train")
+def train_command(
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="`auto` (newest checkpoint of train.out_dir, if any) or a RUN/step-NNNNNN folder.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        "--max-steps", min=1, help="Stop after this many steps (the schedule still spans train.steps).")] = None,
+) -> None:
+    """Train a model (default config: configs/shapes_tiny.yaml). Ctrl-C saves and stops.
+
+    Under `accelerate launch` the same command runs on several processes or GPUs.
+    """
+    cfg = _load_config(config, overrides)
+    from mmgen.training.checkpoint import CheckpointError
+    from mmgen.training.data import DataError
+    from mmgen.training.trainer import TrainingError, train
+
+    try:
+        result = train(cfg, resume=resume, max_steps=max_steps)
+    except (TrainingError, CheckpointError, DataError) as e:
+        fail(str(e))
+    where = result.last_checkpoint or result.run_dir
+    typer.echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}; checkpoint: {where}")
+
+
+# ---------------------------------------------------------------------------------------------
 # mmgen config ...
 
 

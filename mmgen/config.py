@@ -13,6 +13,7 @@ This module must stay importable without torch (the CLI imports it at start-up).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,6 +219,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 8
     grad_accum: int = 1
+    image_loss_limit: int | None = None  # most images per micro-batch that get a diffusion loss
     lr: float = 1e-4  # new modules
     lr_pretrained: float = 1e-5  # pretrained UNet and MMFS sampling offsets
     lr_min_ratio: float = 0.1  # cosine floor as a fraction of the peak
@@ -233,6 +235,7 @@ class TrainConfig:
     keep_last_n: int = 3
     log_every: int = 10
     seed: int = 0
+    deterministic: bool = True  # bit-exact resume; costs a little speed on GPUs
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum", "save_every", "keep_last_n", "log_every")
@@ -426,10 +429,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value
     raise ConfigError(f"`{where}` must be {_type_name(tp)}, got {_describe(value)}")
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -36,6 +36,7 @@ def test_real_config_names_local_folders_and_freezes_like_the_reference():
 
 
 def test_overrides_are_typed():
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 would read a string
     cfg = load_config(None, ["train.lr=0.01", "model.mmfs.every_k=1", "train.ema_decay=null",
                              "model.vision.feature_scales=[1.0, 0.5]", "train.betas=[0.8, 0.9]",
                              "model.llm.arch=qwen2", "train.out_dir=runs/x"])

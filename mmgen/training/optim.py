@@ -1,8 +1,8 @@
 """Optimiser, learning-rate schedule and EMA (DESIGN.md "Training facts").
 
-Parameter groups: new modules train at ``train.lr``; the pretrained UNet and the MMFS sampling
-offsets at ``train.lr_pretrained``; gates, sampling offsets, norms, biases and learned
-embeddings/queries carry no weight decay.
+The parameter groups come from the model (``MMInterleaved.param_groups``): new modules train
+at ``train.lr``, pretrained components and MMFS sampling offsets at ``train.lr_pretrained``,
+with no weight decay on gates, offsets, norms and biases.
 """
 
 from __future__ import annotations
@@ -15,44 +15,11 @@ from torch import nn
 
 from ..config import TrainConfig
 
-_NO_DECAY_WORDS = ("gate", "sampling_offsets", "norm", "bias", "null_context", "embed", "queries",
-                   "position", "time_embedding")
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """True for parameters that should not be decayed (1-D tensors, gates, offsets, embeddings)."""
-    lowered = name.lower()
-    return param.ndim < 2 or any(w in lowered for w in _NO_DECAY_WORDS)
-
-
-def slow_lr(name: str, *, pretrained_unet: bool) -> bool:
-    """True for parameters trained at the lower ``lr_pretrained``."""
-    return "sampling_offsets" in name or (pretrained_unet and ".unet." in f".{name}")
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig, *, pretrained_unet: bool = False) -> list[dict]:
-    """Split the trainable parameters into (lr, weight-decay) groups, each named for logging."""
-    groups: dict[tuple[bool, bool], list[torch.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = (slow_lr(name, pretrained_unet=pretrained_unet), no_weight_decay(name, p))
-        groups.setdefault(key, []).append(p)
-    out = []
-    for (slow, no_decay), params in sorted(groups.items()):
-        out.append({
-            "name": f"{'slow' if slow else 'new'}{'-no_decay' if no_decay else ''}",
-            "params": params,
-            "lr": cfg.lr_pretrained if slow else cfg.lr,
-            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-        })
-    return out
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, *, pretrained_unet: bool = False) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg, pretrained_unet=pretrained_unet)
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the model's parameter groups (``model.param_groups()``: lr and decay per group)."""
+    groups = model.param_groups()
     if not groups:
-        raise ValueError("nothing to train: every parameter group is frozen")
+        raise ValueError("nothing to train: every freeze group (vision, llm, sync, decoder) is frozen")
     return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps)
 
 

@@ -1,0 +1,230 @@
+"""The training loop: Accelerate (one CPU, several GPUs, DDP/FSDP/DeepSpeed), exact resume.
+
+One step = ``train.grad_accum`` micro-batches of ``train.batch_size`` packed rows each. Every
+micro-batch's documents and random numbers (noise, timesteps, guidance dropout) are a pure
+function of (seed, step, micro-step, rank), so 4 straight steps and 2 + resume + 2 give the
+same losses and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from .checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from .data import DocumentStream
+from .optim import EMA, build_optimizer, build_scheduler
+from .plot import plot_losses, read_metrics
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_checkpoint: Path | None
+    interrupted: bool = False
+
+
+def _seed_everything(seed: int, step: int, micro: int, rank: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + step * 1_009 + micro * 17 + rank) % (2**63))
+
+
+def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = None,
+          show_progress: bool = True) -> TrainResult:
+    """Train ``cfg`` into ``cfg.train.out_dir``; ``max_steps`` stops early (the schedule keeps
+    ``train.steps``). Returns where it stopped."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from tqdm.auto import tqdm
+
+    from ..data.collate import Collator
+    from ..data.tokenizer import build_tokenizer, load_tokenizer
+    from ..models.mm_interleaved import MMInterleaved
+
+    tc = cfg.train
+    if tc.deterministic:  # e.g. index_put's accumulate is not bit-exact across threads otherwise
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    run = Path(tc.out_dir)
+    ckpt = resolve_resume(resume, run)
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(cfg.to_yaml())
+
+    # 1. tokenizer, model, optimiser — from the checkpoint's tokenizer when resuming
+    tokenizer = load_tokenizer(ckpt / "model" / "tokenizer") if ckpt else build_tokenizer(cfg)
+    torch.manual_seed(tc.seed)
+    model = MMInterleaved(cfg, tokenizer)
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ema = EMA(trainable, tc.ema_decay) if tc.ema_decay else None
+
+    # 2. resume: weights, optimiser, schedule, EMA, step
+    start, samples_seen = 0, 0
+    if ckpt is not None:
+        saved = load_trainer_state(ckpt)
+        if saved["raw"] is not None:  # EMA runs keep the raw training weights apart
+            result = model.load_state_dict(saved["raw"], strict=False)
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            if result.unexpected_keys or set(result.missing_keys) - frozen - _buffers(model):
+                raise TrainingError(f"{ckpt}: its weights do not match this config "
+                                    f"(e.g. {(result.unexpected_keys or result.missing_keys)[:3]})")
+        else:
+            _load_model_weights(model, ckpt / "model")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if ema is not None and saved["ema"] is not None:
+            ema.load_state_dict({"decay": tc.ema_decay, "num_updates": saved["state"].get("ema_num_updates", 0),
+                                 "shadow": saved["ema"]})
+        start, samples_seen = saved["state"]["step"], saved["state"].get("samples_seen", 0)
+        if main:
+            print(f"resumed from {ckpt} at step {start}")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stream = DocumentStream(cfg.data, tc.seed)
+    collator = Collator(tokenizer, cfg)
+    end = min(tc.steps, max_steps) if max_steps is not None else tc.steps
+    raw_model = accelerator.unwrap_model(model)
+
+    def save(step: int) -> Path:
+        state = {"step": step, "seed": tc.seed, "samples_seen": samples_seen,
+                 "data_position": {"step": step, "note": "documents are a function of (seed, step, micro, rank)"}}
+        raw_state = {n: p.detach().clone() for n, p in raw_model.named_parameters() if p.requires_grad}
+
+        def save_model(folder: Path) -> None:
+            if ema is not None:
+                ema.copy_to(raw_model)
+            try:
+                raw_model.save_pretrained(folder)
+            finally:
+                if ema is not None:
+                    with torch.no_grad():
+                        for n, p in raw_model.named_parameters():
+                            if n in raw_state:
+                                p.copy_(raw_state[n])
+
+        path = save_checkpoint(run, step, save_model=save_model, raw_state=raw_state,
+                               ema_state=ema.state_dict() if ema else None, optimizer=optimizer,
+                               scheduler=scheduler, state=state, keep_last_n=tc.keep_last_n)
+        return path
+
+    # 3. Ctrl-C: finish the step in flight, save, stop
+    stop = {"requested": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)")
+
+    if main:
+        signal.signal(signal.SIGINT, on_sigint)
+    last_ckpt = ckpt
+    metrics_file = run / "metrics.jsonl"
+    bar = tqdm(total=end, initial=start, desc="train", disable=not (main and show_progress), dynamic_ncols=True)
+    model.train()
+    step = start
+    t_last, samples_last = time.perf_counter(), samples_seen
+    try:
+        while step < end and not stop["requested"]:
+            # 4. one optimiser step over grad_accum micro-batches
+            totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+            for micro in range(tc.grad_accum):
+                _seed_everything(tc.seed, step, micro, rank)
+                docs = _documents(stream, step, micro, rank)
+                batch = next(collator.batches(docs, tc.batch_size)).to(accelerator.device)
+                with accelerator.autocast():
+                    out = model(batch, image_loss_limit=tc.image_loss_limit)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {step}; stopping. The last good checkpoint "
+                        f"is {last_ckpt or 'none (no checkpoint was written yet)'} and was left untouched. "
+                        "Try a lower train.lr or train.grad_clip.")
+                sync = micro == tc.grad_accum - 1
+                with (accelerator.no_sync(model) if not sync else nullcontext()):
+                    accelerator.backward(loss / tc.grad_accum)
+                for k in totals:
+                    totals[k] += float(out[k].detach()) / tc.grad_accum
+                samples_seen += batch.input_ids.shape[0] * accelerator.num_processes
+            if tc.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update((n, p) for n, p in raw_model.named_parameters() if p.requires_grad)
+            step += 1
+
+            # 5. log, save
+            if main and (step % tc.log_every == 0 or step == end):
+                now = time.perf_counter()
+                sps = (samples_seen - samples_last) / max(now - t_last, 1e-9)
+                t_last, samples_last = now, samples_seen
+                row = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
+                       "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sps, 3)}
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(text=f"{totals['text_loss']:.3f}", image=f"{totals['image_loss']:.4f}",
+                                lr=f"{row['lr']:.2e}", sps=f"{sps:.1f}")
+            bar.update(1)
+            if step % tc.save_every == 0 or step == end:
+                accelerator.wait_for_everyone()
+                if main:
+                    last_ckpt = save(step)
+    finally:
+        bar.close()
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if stop["requested"]:
+        accelerator.wait_for_everyone()
+        if main and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}")):
+            last_ckpt = save(step)
+            print(f"saved {last_ckpt}; resume with --resume auto")
+    if main and metrics_file.exists():
+        plot_losses(read_metrics(metrics_file), run / "loss.png")
+    accelerator.wait_for_everyone()
+    return TrainResult(run, step, last_ckpt, interrupted=stop["requested"])
+
+
+def _buffers(model: torch.nn.Module) -> set[str]:
+    return {n for n, _ in model.named_buffers()}
+
+
+def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(folder / "model.safetensors"), strict=True)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise TrainingError(f"{folder / 'model.safetensors'}: cannot resume from it ({str(e).splitlines()[0]}); "
+                            "resume from another step-* folder or start afresh") from None
+
+
+def _documents(stream: DocumentStream, step: int, micro: int, rank: int):
+    """An endless document stream for one micro-batch (the collator takes what it needs)."""
+    rng = stream.rng(step, micro, rank)
+    while True:
+        yield from stream.draw(rng, 8)
+

@@ -1,0 +1,144 @@
+"""Training: exact resume, atomic checkpoints, clear stops, Ctrl-C, DDP on 2 CPU processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmgen.config import load_config
+from mmgen.training.checkpoint import list_checkpoints
+from mmgen.training.trainer import TrainingError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a very small model and batch, so that a step takes a fraction of a second
+TINY = [
+    "model.llm.hidden_size=32", "model.llm.num_layers=2", "model.llm.num_heads=2", "model.llm.intermediate_size=64",
+    "model.mmfs.every_k=1", "model.mmfs.hidden_size=16", "model.mmfs.num_heads=2", "model.mmfs.num_points=2",
+    "model.vision.hidden_size=16", "model.vision.num_layers=1", "model.vision.num_heads=2",
+    "model.vision.intermediate_size=32", "model.resampler.hidden_size=16", "model.resampler.num_heads=2",
+    "model.resampler.num_queries=4", "model.decoder.block_out_channels=[8,16,16]",
+    "model.decoder.cross_attention_dim=16", "model.decoder.context_tokens=4",
+    "data.seq_len=64", "train.batch_size=2", "train.warmup_steps=1", "train.log_every=1",
+    "train.image_loss_limit=4", "train.lr=1e-3",
+]
+
+
+def tiny_config(out_dir, *extra):
+    return load_config(None, [*TINY, f"train.out_dir={out_dir}", *extra])
+
+
+def losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_identical_losses_and_weights(tmp_path):
+    straight = tiny_config(tmp_path / "a", "train.steps=4", "train.save_every=4", "train.ema_decay=0.9")
+    train(straight, show_progress=False)
+    resumed = tiny_config(tmp_path / "b", "train.steps=4", "train.save_every=2", "train.ema_decay=0.9")
+    first = train(resumed, max_steps=2, show_progress=False)
+    assert first.step == 2
+    train(resumed, resume="auto", show_progress=False)
+
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert (ra["text_loss"], ra["image_loss"], ra["lr"]) == (rb["text_loss"], rb["image_loss"], rb["lr"])
+    for sub in ("model/model.safetensors", "trainer/weights.safetensors", "trainer/ema.safetensors"):
+        wa = load_file(tmp_path / "a" / "step-000004" / sub)
+        wb = load_file(tmp_path / "b" / "step-000004" / sub)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    # the exported model holds the EMA weights, not the raw ones
+    model = load_file(tmp_path / "a" / "step-000004" / "model" / "model.safetensors")
+    raw = load_file(tmp_path / "a" / "step-000004" / "trainer" / "weights.safetensors")
+    assert any(not torch.equal(model[k], raw[k]) for k in raw)
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "train.steps=4", "train.save_every=1", "train.keep_last_n=2")
+    result = train(cfg, show_progress=False)
+    run = tmp_path / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [3, 4]
+    assert result.last_checkpoint == run / "step-000004"
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+    ckpt = run / "step-000004"
+    for name in ("model/model.safetensors", "model/config.yaml", "model/tokenizer", "trainer/optimizer.pt",
+                 "trainer/scheduler.pt", "trainer/state.json"):
+        assert (ckpt / name).exists(), name
+    assert json.loads((ckpt / "trainer" / "state.json").read_text())["step"] == 4
+    assert (run / "loss.png").stat().st_size > 0
+    # the checkpoint's model folder loads on its own
+    from mmgen.models.mm_interleaved import MMInterleaved
+    assert isinstance(MMInterleaved.from_pretrained(ckpt / "model"), MMInterleaved)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from mmgen.models.mm_interleaved import MMInterleaved
+
+    cfg = tiny_config(tmp_path / "run", "train.steps=6", "train.save_every=2")
+    train(cfg, max_steps=2, show_progress=False)
+    good = (tmp_path / "run" / "step-000002" / "model" / "model.safetensors").read_bytes()
+
+    original = MMInterleaved.forward
+
+    def poisoned(self, batch, **kw):
+        out = original(self, batch, **kw)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MMInterleaved, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 2.*step-000002.*untouched"):
+        train(cfg, resume="auto", show_progress=False)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+    assert (tmp_path / "run" / "step-000002" / "model" / "model.safetensors").read_bytes() == good
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path):
+    from mmgen.training.checkpoint import CheckpointError
+
+    cfg = tiny_config(tmp_path / "run", "train.steps=2")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        train(cfg, resume=str(tmp_path), show_progress=False)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", *TINY, f"train.out_dir={run}", "train.steps=100000", "train.save_every=100000"]
+    proc = subprocess.Popen(_cli(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    assert (run / "metrics.jsonl").exists(), proc.communicate(timeout=5)[0] if proc.poll() is not None else ""
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "saving a checkpoint" in out and "--resume auto" in out
+    (step, ckpt), = list_checkpoints(run)
+    assert step >= 1 and (ckpt / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_ddp_on_two_cpu_processes(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "cli.main", "train", *TINY, f"train.out_dir={run}", "train.steps=2", "train.save_every=2"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    rows = losses(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["samples_per_s"] > 0 for r in rows)
