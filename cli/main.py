@@ -81,6 +81,50 @@ def train_command(
 
 
 # ---------------------------------------------------------------------------------------------
+# mmgen generate
+
+BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "checkpoints" / "shapes-tiny"
+
+
+@app.command("generate")
+def generate_command(
+    prompt_files: Annotated[list[Path], typer.Argument(help=".txt (one prompt per line) or .jsonl prompt files.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
+    checkpoint: Annotated[Path, typer.Option(
+        "--checkpoint", help="A model folder or a RUN/step-NNNNNN checkpoint (default: the bundled model).")] = BUNDLED,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=0, help="Most new images per document.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Most new text tokens per document.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (a prompt's meta.seed wins).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion sampling steps.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="dpm++, ddim, ddpm or euler.")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Text temperature (0: greedy).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Documents generated together.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow writing into a folder that holds results.")] = False,
+) -> None:
+    """Generate illustrated documents from prompt files into OUT/<id>/ (+ OUT/index.html)."""
+    from mmgen.generation.api import GenerationError, generate_files
+
+    try:
+        report = generate_files(
+            prompt_files, out, checkpoint=checkpoint, device=device, overwrite=overwrite,
+            settings=dict(max_images=max_images, max_new_tokens=max_new_tokens, seed=seed, steps=steps,
+                          sampler=sampler, guidance=guidance, temperature=temperature, top_p=top_p,
+                          batch_size=batch_size),
+            progress=True)
+    except GenerationError as e:
+        fail(str(e))
+    for problem in report.failed:
+        typer.secho(f"failed: {problem}", fg=typer.colors.RED, err=True)
+    typer.echo(f"wrote {len(report.written)} document(s) to {out} (open {out / 'index.html'})"
+               + (f"; {len(report.failed)} failed" if report.failed else ""))
+    if report.failed:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
 # mmgen config ...
 
 

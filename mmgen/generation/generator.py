@@ -1,0 +1,403 @@
+"""Interleaved generation: prompts → illustrated documents (DESIGN.md "Generation facts").
+
+The loop, for a batch of prompts that share one KV cache (rows = documents):
+1. each document feeds its next chunk — the prompt prefix, a sampled token, or a new image's
+   Q embeddings — padded to a common length; the padding stays masked out of the cache;
+2. a document whose chunk ended in ``<boi>`` gets an image: the LLM's hidden states of the
+   document up to that ``<boi>`` condition the diffusion sampler (classifier-free guidance
+   against the learned null context), which also reads the document's earlier images
+   through the UNet's MMFS blocks; all documents that need an image are sampled together;
+3. the new image is encoded once by the vision encoder: its resampler tokens are the next
+   chunk, its multi-scale maps join the images the LLM's MMFS layers read;
+4. otherwise the next token is sampled (temperature, top-p) from the document's own
+   generator; ``<eod>``, a filled last placeholder or a limit ends the document, which then
+   leaves the batch (its cache rows are dropped) without stalling the others.
+
+Placeholders (``{"type": "image"}``, ``{"type": "text"}``) are filled in order and generation
+stops after the last segment; a prompt without placeholders is continued freely until
+``<eod>``, ``max_images`` or ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..config import GenerateConfig
+from ..data.collate import encode_document, image_to_tensor, tensor_to_image
+from ..data.documents import Document, Segment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    """Sampling settings; every one is recorded in the output's ``meta``."""
+
+    sampler: str = "dpm++"
+    steps: int = 20
+    guidance: float = 2.5
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_images: int = 4
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: GenerateConfig, **overrides: Any) -> Settings:
+        base = cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class _Doc:
+    """One document being generated."""
+
+    prompt: Document
+    seed: int
+    gen: torch.Generator
+    pending: list[Segment]  # prompt segments not yet fed
+    placeholders: bool  # the prompt has places to fill (else: continue freely)
+    segments: list[Segment] = field(default_factory=list)  # the output so far
+    chunk_ids: list[int] = field(default_factory=list)  # next tokens to feed
+    chunk_images: list[tuple[int, torch.Tensor, int | None]] = field(default_factory=list)
+    # (offset of the first placeholder in the chunk, (Q, D) embeddings, cache index of its <boi> if fed earlier)
+    last_fed: int = -1  # cache index of the last real token fed
+    hidden: list[torch.Tensor] = field(default_factory=list)  # [(t, D)] of every real token, in order
+    maps: list[list[torch.Tensor]] = field(default_factory=list)  # per image, per level (C, H, W)
+    boi_at: list[int] = field(default_factory=list)  # cache index of each image's <boi>
+    text: list[int] = field(default_factory=list)  # tokens of the text being generated
+    filling_text: bool = False  # generating for a text placeholder
+    wants_image: bool = False  # the chunk being fed ends with <boi>
+    new_tokens: int = 0
+    new_images: int = 0
+    length: int = 0  # real tokens fed
+    done: bool = False
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: {"text": 0.0, "image": 0.0})
+
+
+class Generator:
+    """Generates documents with a trained :class:`~mmgen.models.mm_interleaved.MMInterleaved`."""
+
+    def __init__(self, model, *, checkpoint: str | None = None):
+        self.model = model.eval()
+        self.tok = model.tokenizer
+        self.sp = model.special
+        self.cfg = model.cfg
+        self.Q = self.cfg.model.resampler.num_queries
+        self.size = self.cfg.data.image_size
+        self.device = model.device
+        self.max_len = self._max_len()
+        self.checkpoint = checkpoint
+
+    def _max_len(self) -> int:
+        c = self.model.llm.lm.config
+        return int(getattr(c, "max_position_embeddings", None) or 2048)
+
+    # --- public API ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Document], settings: Settings, *,
+                 on_image: Callable[[], None] | None = None) -> Iterator[tuple[int, Document | Exception]]:
+        """Yield ``(index, document)`` for every prompt, or ``(index, error)`` for one that failed.
+
+        Prompts are run ``settings.batch_size`` at a time; results come in completion order.
+        """
+        for start in range(0, len(prompts), settings.batch_size):
+            docs: dict[int, _Doc] = {}
+            for i in range(start, min(start + settings.batch_size, len(prompts))):
+                try:
+                    docs[i] = self._start(prompts[i], settings)
+                except Exception as e:  # a broken prompt must not take the batch down
+                    yield i, e
+            yield from self._run(docs, settings, on_image)
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def _start(self, prompt: Document, s: Settings) -> _Doc:
+        seed = prompt.meta.get("seed", s.seed)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"{prompt.origin or prompt.id}: meta.seed must be an integer")
+        digest = hashlib.sha256(f"{seed}/{prompt.id}".encode()).digest()
+        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        d = _Doc(prompt=prompt, seed=seed, gen=gen, pending=list(prompt.segments),
+                 placeholders=any(seg.is_placeholder for seg in prompt.segments))
+        if self.sp.bos is not None:
+            d.chunk_ids.append(self.sp.bos)
+        self._advance_prompt(d, s)
+        self._fit_context(d)
+        return d
+
+    def _advance_prompt(self, d: _Doc, s: Settings) -> None:
+        """Queue prompt segments up to the next placeholder; decide what follows the chunk."""
+        while d.pending:
+            seg = d.pending.pop(0)
+            if seg.is_placeholder:
+                if seg.type == "text":
+                    d.filling_text = True
+                else:
+                    d.chunk_ids.append(self.sp.boi)
+                    d.wants_image = True
+                return
+            self._queue_segment(d, seg)
+        if d.placeholders:  # the last place is filled: the document is complete
+            d.done = True
+            d.chunk_ids, d.chunk_images = [], []
+
+    def _queue_segment(self, d: _Doc, seg: Segment) -> None:
+        """Add one prompt segment to the output and its tokens (and images) to the chunk."""
+        enc = encode_document(Document(d.prompt.id, [seg], base_dir=d.prompt.base_dir, origin=d.prompt.origin),
+                              self.tok, num_queries=self.Q, add_eod=False)
+        ids = enc.ids[1:] if self.sp.bos is not None and enc.ids[:1] == [self.sp.bos] else enc.ids
+        shift = len(enc.ids) - len(ids)
+        base = len(d.chunk_ids)
+        if enc.images:
+            pixels = torch.stack([image_to_tensor(im, self.size) for im in enc.images]).to(self.device)
+            embeds, maps = self.model.encode_images(pixels)  # (n, Q, D), [(n, C, H_l, W_l)]
+            for j, boi in enumerate(enc.image_boi):
+                d.chunk_images.append((base + boi - shift + 1, embeds[j], None))
+                d.maps.append([m[j] for m in maps])
+                d.segments.append(Segment("image", image=tensor_to_image(pixels[j].cpu()), source="prompt"))
+        elif seg.type == "text":
+            d.segments.append(Segment("text", text=seg.text, source="prompt"))
+        d.chunk_ids += ids
+
+    def _fit_context(self, d: _Doc) -> None:
+        """Cut a prompt longer than the model's context from the left (after ``<bos>``)."""
+        room = self.max_len - (self.Q + 2) - 16  # leave room for at least one image and a sentence
+        excess = len(d.chunk_ids) - room
+        if excess <= 0:
+            return
+        keep_from = excess + (1 if self.sp.bos is not None else 0)
+        # never start inside an image block: move the cut past any image it would split
+        for start, _, _ in d.chunk_images:  # start - 1 is the image's <boi>
+            if start - 1 < keep_from < start + self.Q:
+                keep_from = start + self.Q
+        head = [self.sp.bos] if self.sp.bos is not None else []
+        dropped = {i for i, (start, _, _) in enumerate(d.chunk_images) if start - 1 < keep_from}
+        d.chunk_images = [(start - keep_from + len(head), e, None) for start, e, _ in d.chunk_images
+                          if start - 1 >= keep_from]
+        d.maps = [m for i, m in enumerate(d.maps) if i not in dropped]
+        d.chunk_ids = head + d.chunk_ids[keep_from:]
+        msg = (f"prompt is longer than the model's context ({self.max_len} tokens): "
+               f"cut {keep_from - len(head)} tokens from the left")
+        d.warnings.append(msg)
+        log.warning("%s: %s", d.prompt.origin or d.prompt.id, msg)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def _run(self, docs: dict[int, _Doc], s: Settings, on_image) -> Iterator[tuple[int, Document | Exception]]:
+        from transformers import DynamicCache
+
+        order = [i for i, d in docs.items() if not d.done]
+        for i, d in list(docs.items()):
+            if d.done:
+                yield i, self._finish(d, s)
+        cache = DynamicCache(config=self.model.llm.lm.config)
+        mask = torch.zeros(len(order), 0, dtype=torch.long, device=self.device)  # (B, S) 1 = real token
+        values_key, values = None, None
+        while order:
+            rows = [docs[i] for i in order]
+            # 1. feed every document's chunk, right-padded to a common length
+            t0 = time.perf_counter()
+            L = max(len(d.chunk_ids) for d in rows)
+            B, past = len(rows), mask.shape[1]
+            ids = torch.full((B, L), self.sp.pad, dtype=torch.long)
+            new_mask = torch.zeros(B, L, dtype=torch.long)
+            for b, d in enumerate(rows):
+                ids[b, :len(d.chunk_ids)] = torch.tensor(d.chunk_ids)
+                new_mask[b, :len(d.chunk_ids)] = 1
+            ids, new_mask = ids.to(self.device), new_mask.to(self.device)
+            embeds = self.model.llm.embed_tokens(ids)  # (B, L, D)
+            for b, d in enumerate(rows):
+                for start, e, boi in d.chunk_images:
+                    embeds[b, start:start + self.Q] = e.to(embeds.dtype)  # (Q, D)
+                    d.boi_at.append(past + start - 1 if boi is None else boi)
+            mask = torch.cat([mask, new_mask], dim=1)  # (B, past + L)
+            key = tuple((i, len(docs[i].maps)) for i in order)
+            features, visible = self._image_slots(rows, past, L)
+            if features is not None and key != values_key:
+                values, values_key = self.model.llm.prepare_image_values(features), key
+            out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                 image_values=values if features is not None else None,
+                                 visible=visible if features is not None else None)
+            cache = out.past_key_values
+            last = new_mask.sum(1) - 1  # (B,) index of each row's last real token in the chunk
+            logits = out.logits[torch.arange(B), last].float()  # (B, V)
+            for b, d in enumerate(rows):
+                n = len(d.chunk_ids)
+                d.hidden.append(out.last_hidden_state[b, :n])
+                d.length += n
+                d.last_fed = past + n - 1
+                d.chunk_ids, d.chunk_images = [], []
+            elapsed = time.perf_counter() - t0
+            for d in rows:
+                d.seconds["text"] += elapsed / B
+
+            # 2. sample the next token of every document in text mode
+            for b, d in enumerate(rows):
+                if not d.wants_image:
+                    self._next_token(d, logits[b], s)
+
+            # 3. draw the images asked for, all together
+            asking = [d for d in rows if d.wants_image and not d.done]
+            if asking:
+                self._draw_images(asking, s, on_image)
+
+            # 4. finished documents leave the batch
+            keep = [b for b, d in enumerate(rows) if not d.done and d.length + len(d.chunk_ids) < self.max_len]
+            for b, d in enumerate(rows):
+                if b not in keep:
+                    if not d.done:
+                        d.warnings.append(f"stopped at the model's context length ({self.max_len} tokens)")
+                        self._flush_text(d)
+                    yield order[b], self._finish(d, s)
+            if len(keep) < len(rows):
+                order = [order[b] for b in keep]
+                if order:
+                    idx = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(idx)
+                    mask = mask[idx]
+                    values_key = None
+
+    def _image_slots(self, rows: list[_Doc], past: int, L: int):
+        """Each row's images as MMFS slots [(B, M, C, H_l, W_l)] and which new tokens see them (B, L, M)."""
+        M = max(len(d.maps) for d in rows)
+        if M == 0:
+            return None, None
+        levels = len(rows[0].maps[0] if rows[0].maps else next(d.maps[0] for d in rows if d.maps))
+        template = next(d.maps[0] for d in rows if d.maps)
+        features = []
+        for lvl in range(levels):
+            slots = torch.zeros(len(rows), M, *template[lvl].shape, device=self.device, dtype=template[lvl].dtype)
+            for b, d in enumerate(rows):
+                for m, maps in enumerate(d.maps):
+                    slots[b, m] = maps[lvl]
+            features.append(slots)
+        positions = past + torch.arange(L, device=self.device)  # (L,) cache index of each new token
+        visible = torch.zeros(len(rows), L, M, dtype=torch.bool, device=self.device)
+        for b, d in enumerate(rows):
+            for m, at in enumerate(d.boi_at):
+                visible[b, :, m] = positions > at
+        return features, visible
+
+    def _next_token(self, d: _Doc, logits: torch.Tensor, s: Settings) -> None:
+        t0 = time.perf_counter()
+        token = self._sample(logits, s, d.gen)
+        d.seconds["text"] += time.perf_counter() - t0
+        if token == self.sp.boi:
+            self._flush_text(d)
+            if d.filling_text:  # the text place is filled; go on with the prompt
+                d.filling_text = False
+                self._advance_prompt(d, s)
+            elif d.new_images >= s.max_images:
+                d.done = True
+            else:
+                d.chunk_ids = [self.sp.boi]
+                d.wants_image = True
+        elif token == self.sp.eod or token == self.sp.image or token == self.sp.pad:
+            self._flush_text(d)
+            if d.filling_text:
+                d.filling_text = False
+                self._advance_prompt(d, s)
+            else:
+                d.done = True
+        else:
+            d.text.append(token)
+            d.new_tokens += 1
+            d.chunk_ids = [token]
+            if d.new_tokens >= s.max_new_tokens:
+                self._flush_text(d)
+                d.chunk_ids = []
+                if d.filling_text:
+                    d.filling_text = False
+                    self._advance_prompt(d, s)
+                else:
+                    d.done = True
+        if not d.chunk_ids and not d.wants_image:
+            d.done = True
+
+    def _sample(self, logits: torch.Tensor, s: Settings, gen: torch.Generator) -> int:
+        logits = logits.clone()
+        logits[self.sp.image] = float("-inf")  # placeholders are never written by the model
+        if self.sp.bos is not None:
+            logits[self.sp.bos] = float("-inf")
+        if s.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / s.temperature, dim=-1).cpu()
+        if s.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < s.top_p  # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def _flush_text(self, d: _Doc) -> None:
+        if d.text:
+            text = self.tok.decode(d.text, skip_special_tokens=True).strip()
+            if text:
+                d.segments.append(Segment("text", text=text, source="generated"))
+            d.text = []
+
+    def _draw_images(self, asking: list[_Doc], s: Settings, on_image) -> None:
+        t0 = time.perf_counter()
+        # 1. the condition: each document's hidden states up to and including its <boi>
+        contexts = [torch.cat(d.hidden) for d in asking]  # [(K_i, D)]
+        K = max(c.shape[0] for c in contexts)
+        D = contexts[0].shape[1]
+        context = torch.zeros(len(asking), K, D, device=self.device, dtype=contexts[0].dtype)
+        cmask = torch.zeros(len(asking), K, dtype=torch.bool, device=self.device)
+        for n, c in enumerate(contexts):
+            context[n, :c.shape[0]], cmask[n, :c.shape[0]] = c, True
+        # 2. the earlier images each one may read (its own document's), as slots
+        M = max(len(d.maps) for d in asking)
+        prev_features = prev_visible = None
+        if M:
+            template = next(d.maps[0] for d in asking if d.maps)
+            prev_features = [torch.zeros(len(asking), M, *t.shape, device=self.device, dtype=t.dtype) for t in template]
+            prev_visible = torch.zeros(len(asking), M, dtype=torch.bool, device=self.device)
+            for n, d in enumerate(asking):
+                for m, maps in enumerate(d.maps):
+                    for lvl, f in enumerate(maps):
+                        prev_features[lvl][n, m] = f
+                    prev_visible[n, m] = True
+        # 3. sample, each image from its own document's generator
+        images = self.model.decoder.sample(context, cmask, prev_features, prev_visible, sampler=s.sampler,
+                                           steps=s.steps, guidance=s.guidance, generator=[d.gen for d in asking])
+        # 4. encode the new images once: resampler tokens for the LLM, maps for MMFS
+        pixels = torch.stack([image_to_tensor(tensor_to_image(x.cpu()), self.size) for x in images]).to(self.device)
+        embeds, maps = self.model.encode_images(pixels)  # (n, Q, D), [(n, C, H_l, W_l)]
+        elapsed = time.perf_counter() - t0
+        for n, d in enumerate(asking):
+            d.seconds["image"] += elapsed / len(asking)
+            d.wants_image = False
+            d.new_images += 1
+            d.segments.append(Segment("image", image=tensor_to_image(pixels[n].cpu()), source="generated"))
+            d.maps.append([m[n] for m in maps])
+            # the <boi> was already fed: the chunk is the image's Q embeddings, then the prompt goes on
+            d.chunk_ids = [self.sp.image] * self.Q
+            d.chunk_images = [(0, embeds[n], d.last_fed)]
+            if d.placeholders:
+                self._advance_prompt(d, s)
+            if on_image is not None:
+                on_image()
+
+    def _finish(self, d: _Doc, s: Settings) -> Document:
+        meta = dict(d.prompt.meta)
+        meta.update({
+            "checkpoint": self.checkpoint, "seed": d.seed, "sampler": s.sampler, "steps": s.steps,
+            "guidance": s.guidance, "temperature": s.temperature, "top_p": s.top_p,
+            "max_images": s.max_images, "max_new_tokens": s.max_new_tokens,
+            "timings": {k: round(v, 3) for k, v in d.seconds.items()},
+            "generated": {"tokens": d.new_tokens, "images": d.new_images},
+        })
+        if d.warnings:
+            meta["warnings"] = d.warnings
+        return Document(d.prompt.id, d.segments, meta, origin=d.prompt.origin)
