@@ -125,6 +125,57 @@ def generate_command(
 
 
 # ---------------------------------------------------------------------------------------------
+# mmgen eval
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Model, checkpoint or run folder.")] = BUNDLED,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: t2i, caption, continuation, story.")]
+    = "t2i,caption,continuation,story",
+    n: Annotated[int, typer.Option("--n", min=1, help="Prompts per task.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation prompts and of sampling.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json and report.md.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="dpm++, ddim, ddpm or euler.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion sampling steps.")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Text temperature.")] = 0.0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 32,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, ... or auto.")] = "auto",
+) -> None:
+    """Score a model on ShapeStories; write metrics.json and report.md (with sample grids)."""
+    import json
+
+    from mmgen.evaluation.report import write_metrics, write_report
+    from mmgen.evaluation.shapes_eval import evaluate
+    from mmgen.generation.api import GenerationError, load_model, make_settings
+
+    from .progress import progress_callback
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    overrides = dict(sampler=sampler, steps=steps, guidance=guidance, temperature=temperature,
+                     batch_size=batch_size, seed=seed)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        model, folder = load_model(checkpoint, device)
+        settings = make_settings(model, overrides)
+        with progress_callback("prompts", total=n * len(names)) as advance:
+            results = evaluate(model, names, n=n, seed=seed, settings=overrides, checkpoint=str(folder),
+                               progress=lambda: advance(1))
+    except (GenerationError, ValueError) as e:
+        fail(str(e))
+    record = {"checkpoint": str(folder), "n": n, "seed": seed, **settings.__dict__}
+    for task, r in results.items():
+        typer.echo(f"{task:13s} " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in r.metrics.items()))
+    out = out or folder.parent / "eval" if folder.name == "model" else (out or Path("eval"))
+    write_metrics(out, results, record)
+    report = write_report(out, results, record)
+    typer.echo(f"wrote {out / 'metrics.json'} and {report}")
+    typer.echo(json.dumps({t: r.metrics for t, r in results.items()}))
+
+
+# ---------------------------------------------------------------------------------------------
 # mmgen config ...
 
 

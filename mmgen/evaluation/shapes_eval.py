@@ -1,0 +1,145 @@
+"""ShapeStories evaluation (SHAPESTORIES.md "Evaluation tasks"), scored with the library's reader.
+
+- ``t2i``: intro sentence → image; per attribute and joint.
+- ``caption``: image → intro sentence, parsed; per attribute and joint.
+- ``continuation``: frame 1 (sentence + image) + change sentence → frame-2 image; per
+  attribute, joint, and background consistency (frame 2's background = frame 1's; chance 25 %).
+- ``story``: intro sentence → the model writes and draws the rest; each generated image is
+  scored against the sentences before it, and each generated sentence against the grammar.
+
+Prompts come from ``eval_prompts`` (a seed stream apart from training's).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.documents import Document
+from ..data.shapes import ATTRIBUTES, TASKS, apply_change, eval_prompts, parse_sentence, read_image, score_attributes
+
+_SENTENCE_END = re.compile(r"(?<=\.)\s+")
+
+
+@dataclass
+class Sample:
+    """One scored prompt, kept for the report."""
+
+    task: str
+    id: str
+    document: Document
+    truth: dict[str, Any]
+    read: dict[str, Any] | None
+    scores: dict[str, bool]
+    text: str | None = None
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    samples: list[Sample] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _mean(values: list[bool]) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def _summary(samples: list[Sample], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: _mean([s.scores[k] for s in samples if k in s.scores]) for k in keys}
+
+
+def _generated(doc: Document, kind: str) -> list:
+    return [s for s in doc.segments if s.source == "generated" and s.type == kind]
+
+
+def score_t2i(doc: Document, truth: dict) -> Sample:
+    frame = truth["frames"][0]
+    images = _generated(doc, "image")
+    read = read_image(images[0].image) if images else None
+    return Sample("t2i", doc.id, doc, frame, read, score_attributes(read, frame))
+
+
+def score_caption(doc: Document, truth: dict) -> Sample:
+    frame = truth["frames"][0]
+    texts = _generated(doc, "text")
+    text = texts[0].text if texts else ""
+    first = _SENTENCE_END.split(text.strip())[0] if text else ""
+    parsed = parse_sentence(first)
+    pred = parsed if parsed and parsed["kind"] == "intro" else None
+    scores = score_attributes(pred, frame)
+    scores["grammar"] = parsed is not None
+    return Sample("caption", doc.id, doc, frame, pred, scores, text=text)
+
+
+def score_continuation(doc: Document, truth: dict) -> Sample:
+    first, second = truth["frames"][0], truth["frames"][1]
+    images = _generated(doc, "image")
+    read = read_image(images[0].image) if images else None
+    scores = score_attributes(read, second)
+    scores["background"] = bool(read) and read.get("background") == first["background"]
+    return Sample("continuation", doc.id, doc, second, read, scores)
+
+
+def score_story(doc: Document, truth: dict) -> Sample:
+    """Images against the state their preceding sentences describe; sentences against the grammar."""
+    state = dict(truth["frames"][0])
+    image_ok, grammar_ok, background_ok = [], [], []
+    for seg in doc.segments:
+        if seg.source != "generated":
+            continue
+        if seg.type == "text" and seg.text:
+            for sentence in _SENTENCE_END.split(seg.text.strip()):
+                parsed = parse_sentence(sentence)
+                grammar_ok.append(parsed is not None and (parsed["kind"] == "change"))
+                if parsed is not None and parsed["kind"] == "change":
+                    state = apply_change(state, parsed)
+        elif seg.type == "image" and seg.image is not None:
+            read = read_image(seg.image)
+            image_ok.append(score_attributes(read, state)["joint"])
+            background_ok.append(bool(read) and read.get("background") == state["background"])
+    scores = {"image_match": _mean(image_ok), "grammar": _mean(grammar_ok), "background": _mean(background_ok),
+              "images": len(image_ok), "sentences": len(grammar_ok)}
+    return Sample("story", doc.id, doc, truth["frames"][0], None, scores)
+
+
+SCORERS = {"t2i": score_t2i, "caption": score_caption, "continuation": score_continuation, "story": score_story}
+
+
+def evaluate(model, tasks: list[str], *, n: int = 64, seed: int = 0, settings: dict[str, Any] | None = None,
+             checkpoint: str | None = None, progress=None) -> dict[str, TaskResult]:
+    """Run each task on ``n`` fresh prompts; return per-task metrics and the scored samples."""
+    from ..generation.api import make_settings
+    from ..generation.generator import Generator
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    s = make_settings(model, settings or {})
+    gen = Generator(model, checkpoint=checkpoint)
+    size = model.cfg.data.image_size
+    out: dict[str, TaskResult] = {}
+    for task in tasks:
+        prompts = eval_prompts(task, n, seed, size)
+        t0 = time.perf_counter()
+        samples: list[Sample] = []
+        for i, doc in gen.generate(prompts, s):
+            if isinstance(doc, Exception):
+                raise doc
+            samples.append(SCORERS[task](doc, prompts[i].meta["shapes"]))
+            if progress is not None:
+                progress()
+        samples.sort(key=lambda x: x.id)
+        if task == "story":
+            metrics = {k: round(sum(x.scores[k] * x.scores[w] for x in samples) / max(1, sum(x.scores[w] for x in samples)), 4)
+                       for k, w in (("image_match", "images"), ("background", "images"), ("grammar", "sentences"))}
+            metrics["images_per_story"] = round(sum(x.scores["images"] for x in samples) / max(1, len(samples)), 3)
+        else:
+            keys = (*ATTRIBUTES, "joint") + (("background",) if task == "continuation" else ()) \
+                + (("grammar",) if task == "caption" else ())
+            metrics = _summary(samples, keys)
+        out[task] = TaskResult(task, metrics, samples, round(time.perf_counter() - t0, 2))
+    return out

@@ -1,0 +1,190 @@
+"""Generation: prompt files → illustrated documents; placeholders, determinism, failures, browser."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from mmgen.data.documents import Document, Segment, iter_records
+from mmgen.data.shapes import eval_prompts
+from mmgen.generation.api import GenerationError, generate, generate_files, load_model
+
+from .test_train import TINY
+
+runner = CliRunner()
+FAST = dict(steps=2, max_new_tokens=6, max_images=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random model saved the way training saves it."""
+    from mmgen.config import load_config
+    from mmgen.data.tokenizer import build_tokenizer
+    from mmgen.models.mm_interleaved import MMInterleaved
+
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    model = MMInterleaved(cfg, build_tokenizer(cfg))
+    folder = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(checkpoint, "cpu")[0]
+
+
+def write_prompts(folder: Path) -> tuple[Path, Path]:
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "red.png")
+    txt = folder / "stories.txt"
+    txt.write_text("# a comment\nA large red circle is in the top left.\n\nA small blue square is in the center.\n")
+    lines = [
+        {"id": "cont", "segments": [{"type": "text", "text": "A large red circle is in the top left."},
+                                    {"type": "image", "path": "red.png"},
+                                    {"type": "text", "text": "The circle turns blue."}, {"type": "image"}]},
+        {"id": "cap", "segments": [{"type": "image", "path": "red.png"}, {"type": "text"}]},
+        {"id": "missing", "segments": [{"type": "image", "path": "nope.png"}, {"type": "text"}]},
+    ]
+    jsonl = folder / "prompts.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    return txt, jsonl
+
+
+def test_generate_files_writes_documents_and_reports_failures(tmp_path, checkpoint):
+    txt, jsonl = write_prompts(tmp_path)
+    out = tmp_path / "out"
+    report = generate_files([txt, jsonl], out, checkpoint=checkpoint, device="cpu", settings=FAST)
+    ids = sorted(w.folder.name for w in report.written)
+    assert ids == ["cap", "cont", "stories-0000", "stories-0001"]
+    assert len(report.failed) == 2
+    assert any(f"{jsonl}:3:" in f and "image not found" in f for f in report.failed)
+    assert any(f"{jsonl}:4:" in f for f in report.failed)
+
+    # placeholders are filled in order, and only they are generated
+    (cont,) = iter_records(out / "cont" / "document.json")
+    assert [(s.type, s.source) for s in cont.segments] == [
+        ("text", "prompt"), ("image", "prompt"), ("text", "prompt"), ("image", "generated")]
+    for s in cont.segments:
+        if s.type == "image":
+            assert (out / "cont" / s.path).is_file()
+    assert cont.meta["sampler"] == "dpm++" and cont.meta["steps"] == 2 and "timings" in cont.meta
+    (cap,) = iter_records(out / "cap" / "document.json")
+    assert [s.type for s in cap.segments][:1] == ["image"] and all(s.source == "generated" for s in cap.segments[1:])
+    for name in ("index.html", "story.md"):
+        assert (out / "cont" / name).is_file()
+    index = (out / "index.html").read_text()
+    assert 'href="cont/index.html"' in index and "nope.png" in index  # failures are listed too
+
+
+def test_same_seed_same_bytes(tmp_path, checkpoint):
+    txt, _ = write_prompts(tmp_path)
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"out{k}"
+        generate_files([txt], out, checkpoint=checkpoint, device="cpu", settings={**FAST, "seed": 7})
+        outs.append(out)
+    for doc in ("stories-0000", "stories-0001"):
+        a, b = (json.loads((o / doc / "document.json").read_text()) for o in outs)
+        assert a["segments"] == b["segments"]
+        for png in sorted((outs[0] / doc / "images").glob("*.png")):
+            assert png.read_bytes() == (outs[1] / doc / "images" / png.name).read_bytes()
+    other = tmp_path / "other"
+    generate_files([txt], other, checkpoint=checkpoint, device="cpu", settings={**FAST, "seed": 8})
+    pngs = lambda o: [p.read_bytes() for p in sorted(o.glob("*/images/*.png"))]  # noqa: E731
+    assert pngs(other) != pngs(outs[0])
+
+
+def test_prompt_seed_in_meta_wins(model):
+    prompt = lambda s: Document("p", [Segment("text", text="A small red circle is on the left."), Segment("image")],  # noqa: E731
+                                meta={"seed": s})
+    a, b, c = generate([prompt(1), prompt(1), prompt(2)], model=model, **FAST)
+    assert a.meta["seed"] == 1 and c.meta["seed"] == 2
+    img = lambda d: d.segments[-1].image.tobytes()  # noqa: E731
+    assert img(a) == img(b) != img(c)
+
+
+def test_free_continuation_respects_limits(model):
+    (doc,) = generate(["A large green triangle is at the bottom."], model=model,
+                      **{**FAST, "max_new_tokens": 5, "max_images": 1, "temperature": 1.0})
+    assert doc.meta["generated"]["tokens"] <= 5 and doc.meta["generated"]["images"] <= 1
+
+
+def test_batching_many_prompts_of_different_kinds(model):
+    prompts = eval_prompts("t2i", 3, 0, 32) + eval_prompts("caption", 2, 0, 32) + eval_prompts("continuation", 2, 0, 32)
+    docs = generate(prompts, model=model, **{**FAST, "batch_size": 3})
+    assert [d.id for d in docs] == [p.id for p in prompts]
+    for p, d in zip(prompts, docs):
+        assert sum(s.type == "image" and s.source == "generated" for s in d.segments) == \
+            sum(s.type == "image" and s.is_placeholder for s in p.segments)
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning(model):
+    long_text = " ".join(["A small red circle is on the left."] * 200)
+    (doc,) = generate([long_text], model=model, **{**FAST, "max_images": 0})
+    assert any("cut" in w for w in doc.meta["warnings"])
+
+
+def test_bad_settings_and_folders(tmp_path, checkpoint):
+    txt, _ = write_prompts(tmp_path)
+    with pytest.raises(GenerationError, match="unknown sampler 'magic'"):
+        generate_files([txt], tmp_path / "o", checkpoint=checkpoint, settings={"sampler": "magic"})
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n")
+    with pytest.raises(GenerationError, match="no prompts"):
+        generate_files([empty], tmp_path / "o", checkpoint=checkpoint)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("results")
+    with pytest.raises(GenerationError, match="--overwrite"):
+        generate_files([txt], busy, checkpoint=checkpoint)
+    with pytest.raises(GenerationError, match="no such checkpoint"):
+        generate_files([txt], tmp_path / "o2", checkpoint=tmp_path / "nowhere")
+
+
+def test_cli_exit_code_is_non_zero_when_a_prompt_fails(tmp_path, checkpoint):
+    txt, jsonl = write_prompts(tmp_path)
+    args = ["generate", str(jsonl), "--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
+            "--steps", "2", "--max-new-tokens", "4", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "failed:" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "out" / "cont" / "document.json").is_file()
+    result = runner.invoke(app, args[:-2] + ["--sampler", "magic"])
+    assert result.exit_code == 1 and "unknown sampler" in result.output
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_a_real_browser_shows_the_images_and_text(tmp_path, checkpoint):
+    txt, jsonl = write_prompts(tmp_path)
+    out = tmp_path / "out"
+    generate_files([jsonl], out, checkpoint=checkpoint, device="cpu", settings=FAST)
+    page = out / "cont" / "index.html"
+    harness = tmp_path / "harness.html"
+    harness.write_text(f"""<!doctype html><html><body><div id="result">pending</div>
+<iframe id="f" src="{page.as_uri()}"></iframe>
+<script>
+document.getElementById('f').onload = function () {{
+  var d = this.contentDocument, imgs = Array.from(d.images);
+  var ok = imgs.length > 0 && imgs.every(function (i) {{ return i.complete && i.naturalWidth > 0; }});
+  document.getElementById('result').textContent =
+    'images=' + imgs.length + ' loaded=' + ok + ' text=' + d.body.innerText.replace(/\\s+/g, ' ');
+}};
+</script></body></html>""")
+    profile = tmp_path / "profile"
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--allow-file-access-from-files", "--virtual-time-budget=5000",
+           "--dump-dom", harness.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert "images=2 loaded=true" in dom, dom[-2000:]
+    assert "The circle turns blue." in dom
