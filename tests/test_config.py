@@ -102,3 +102,13 @@ def test_sources_are_validated():
         config_from_dict({"data": {"sources": [{"kind": "jsonl"}]}})
     with pytest.raises(ConfigError, match=r"`data.sources\[0\].kind` must be one of"):
         config_from_dict({"data": {"sources": [{"kind": "web"}]}})
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS[0].parent / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    import yaml
+    from accelerate.utils import DistributedType
+
+    raw = yaml.safe_load(path.read_text())
+    assert raw["distributed_type"] in DistributedType.__members__
+    assert raw["num_processes"] >= 2 and raw["mixed_precision"] in ("no", "bf16", "fp16")

@@ -133,9 +133,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
 def test_ddp_on_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "cli.main", "train", *TINY, f"train.out_dir={run}", "train.steps=2", "train.save_every=2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "-m", "cli.main", "train", *TINY, f"train.out_dir={run}", "train.steps=2", "train.save_every=2"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(run)] == [2]
