@@ -68,13 +68,15 @@ def train_command(
     Under `accelerate launch` the same command runs on several processes or GPUs.
     """
     cfg = _load_config(config, overrides)
+    from mmgen.config import ConfigError
+    from mmgen.data.tokenizer import TokenizerError
     from mmgen.training.checkpoint import CheckpointError
     from mmgen.training.data import DataError
     from mmgen.training.trainer import TrainingError, train
 
     try:
         result = train(cfg, resume=resume, max_steps=max_steps)
-    except (TrainingError, CheckpointError, DataError) as e:
+    except (TrainingError, CheckpointError, DataError, TokenizerError, ConfigError) as e:
         fail(str(e))
     where = result.last_checkpoint or result.run_dir
     typer.echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}; checkpoint: {where}")

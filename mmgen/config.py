@@ -152,6 +152,9 @@ class DecoderConfig:
             raise ConfigError("model.decoder.block_out_channels must not be empty")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ConfigError("model.decoder.cfg_dropout must be in [0, 1)")
+        if self.coord_channels and self.pretrained is not None:
+            raise ConfigError("model.decoder.coord_channels needs a UNet built from the config; "
+                              "set it to false with model.decoder.pretrained")
         if self.use_vae and self.pretrained is None:
             raise ConfigError("model.decoder.use_vae needs model.decoder.pretrained (an SD folder with vae/)")
         down = 2 ** (len(self.block_out_channels) - 1)

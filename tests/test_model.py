@@ -173,7 +173,7 @@ def test_real_config_folders(tmp_path):
     save_real_folders(tmp_path)
     cfg = load_config(overrides=[
         "data.seq_len=96", f"model.llm.pretrained={tmp_path / 'llama'}", f"model.vision.pretrained={tmp_path / 'clip'}",
-        f"model.decoder.pretrained={tmp_path / 'sd'}", "model.decoder.use_vae=true", "model.mmfs.every_k=1",
+        f"model.decoder.pretrained={tmp_path / 'sd'}", "model.decoder.use_vae=true", "model.decoder.coord_channels=false", "model.mmfs.every_k=1",
         "model.vision.trainable=false", "model.llm.trainable=false"])
     tok = build_tokenizer(cfg)
     model = MMInterleaved(cfg, tok)

@@ -64,7 +64,8 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, dtype: torch.dtype = torch.flo
                               "saved with `save_pretrained` (config.json + safetensors weights)")
         try:
             lm = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation)
+                path, local_files_only=True, use_safetensors=True, dtype=dtype,
+                attn_implementation=attn_implementation)
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"model.llm.pretrained: cannot load a causal LM from `{path}`: {e}") from None
         n_embed = lm.get_input_embeddings().num_embeddings

@@ -21,6 +21,7 @@ folders (the ``pretrained`` fields), so those folders must exist when a checkpoi
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from mmgen.config import Config, config_from_dict
+from mmgen.config import Config, ConfigError, config_from_dict
 from mmgen.data.collate import IGNORE, Batch
 from mmgen.data.tokenizer import load_tokenizer, special_ids
 from mmgen.models.image_decoder import ImageDecoder
@@ -239,17 +240,51 @@ class MMInterleaved(nn.Module):
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR) if not (folder / name).exists()]
         if missing:
             raise FileNotFoundError(f"{folder} is not an mmgen checkpoint folder: {', '.join(missing)} "
-                                    f"{'is' if len(missing) == 1 else 'are'} missing")
+                                    f"{'is' if len(missing) == 1 else 'are'} missing; a model folder holds "
+                                    f"{CONFIG_NAME}, {WEIGHTS_NAME} and {TOKENIZER_DIR}/ as save_pretrained "
+                                    "wrote them — copy the whole folder again")
         try:
             raw = yaml.safe_load((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ValueError(f"{folder / CONFIG_NAME}: not valid YAML: {e}") from None
-        cfg = config_from_dict(raw or {})
+        try:
+            cfg = config_from_dict(raw or {})
+        except ConfigError as e:
+            raise ConfigError(f"{folder / CONFIG_NAME}: {e}; this must be the config saved with the weights — "
+                              "undo the edit, or load it with the mmgen version that wrote it") from None
         model = cls(cfg, load_tokenizer(folder / TOKENIZER_DIR))
         try:
             load_model(model, str(folder / WEIGHTS_NAME), strict=True)
         except SafetensorError as e:
-            raise ValueError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
+            raise ValueError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file ({e}); it is damaged "
+                             "or was cut short — copy it again or use another checkpoint") from None
         except RuntimeError as e:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME}: {e}") from None
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME}: {weights_mismatch(e)}; the "
+                             f"weights were saved with another model config — use the {CONFIG_NAME} saved "
+                             "with them") from None
         return model.to(device)
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
+
+
+def weights_mismatch(error: RuntimeError) -> str:
+    """One line out of torch's multi-line ``load_state_dict`` error: what differs, with an example."""
+    text = str(error)
+    sizes = _SIZE_MISMATCH.findall(text)
+    missing = re.search(r"Missing key\(s\) in state_dict: (.*)", text)
+    unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*)", text)
+    parts = []
+    if sizes:
+        name, there, here = sizes[0]
+        more = f" ({len(sizes) - 1} more tensors differ in shape)" if len(sizes) > 1 else ""
+        parts.append(f"{name} is {there} in the file but {here} in the model{more}")
+    for match, what in ((missing, "missing from the file"), (unexpected, "in the file but not in the model")):
+        if match:
+            keys = re.findall(r'"([^"]+)"', match[1])
+            parts.append(f"{len(keys)} tensor{'s' if len(keys) != 1 else ''} {what} (e.g. {keys[0] if keys else '?'})")
+    if not parts:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        parts.append(lines[-1][:240] if lines else type(error).__name__)
+    return ", ".join(parts)

@@ -17,12 +17,14 @@ Conventions: points are (x, y) in [0, 1] image coordinates, sampled with
 (0.5, 0.5) its centre. A sampling offset is in pixels of the level it samples: the location on
 level l is ``ref + offset / (W_l, H_l)``.
 
-How it is fast: values are projected once per image into one "atlas" per (row, head) and
-level, the row's images stacked top to bottom, so a single ``grid_sample`` per level reads
-every visible (image, query) pair and nothing else (a causal text sequence sees about half
-of its (image, query) pairs). Attention weights are folded in right after sampling, without
-materialising products. Float32 atlas coordinates resolve about ``2**-24 * M * H_l`` pixels
-(1e-4 px for 32 images of 64 rows); fp16/bf16 inputs are sampled in float32.
+How it is fast: values are projected once per image (a batched matmul on the channel-first
+maps) into one "atlas" per (row, head) and level, the row's images stacked top to bottom, so
+a single ``grid_sample`` per level reads every visible (image, query) pair and nothing else
+(a causal text sequence sees about half of its pairs). Pairs are sampled image-major in
+chunks of 64 for cache locality; attention weights are folded in right after sampling without
+materialising products; small per-point tensors are computed for all levels at once. Float32
+atlas coordinates resolve about ``2**-24 * M * H_l`` pixels (1e-4 px for 32 images of 64
+rows); fp16/bf16 inputs are sampled in float32.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def _sampling_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _PointSum(torch.autograd.Function):
-    """``(samples * weights).sum(2)`` for samples (N, Dh, P, K), weights (N, 1, P, K).
+    """``(samples * weights).sum(-2)`` for samples (N, Dh, G, P, Kc), weights (N, 1, G, P, Kc).
 
-    The same maths as autograd's, in fewer passes over the samples: no (N, Dh, P, K) product
+    The same maths as autograd's, in fewer passes over the samples: no product of their size
     is materialised forward, and the samples' gradient comes out contiguous, as
     ``grid_sample``'s backward wants it (otherwise it copies).
     """
@@ -51,17 +53,17 @@ class _PointSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, samples: Tensor, weights: Tensor) -> Tensor:
         ctx.save_for_backward(samples, weights)
-        out = samples[:, :, 0] * weights[:, :, 0]  # (N, Dh, K)
-        for p in range(1, samples.shape[2]):
-            out.addcmul_(samples[:, :, p], weights[:, :, p])
+        out = samples.select(-2, 0) * weights.select(-2, 0)  # (N, Dh, G, Kc)
+        for p in range(1, samples.shape[-2]):
+            out.addcmul_(samples.select(-2, p), weights.select(-2, p))
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         samples, weights = ctx.saved_tensors
-        grad_samples = grad.unsqueeze(2) * weights  # (N, Dh, P, K)
-        grad_weights = torch.stack([torch.linalg.vecdot(grad, samples[:, :, p], dim=1)
-                                    for p in range(samples.shape[2])], 1)  # (N, P, K)
+        grad_samples = grad.unsqueeze(-2) * weights  # (N, Dh, G, P, Kc)
+        grad_weights = torch.stack([torch.linalg.vecdot(grad, samples.select(-2, p), dim=1)
+                                    for p in range(samples.shape[-2])], -2)  # (N, G, P, Kc)
         return grad_samples, grad_weights.unsqueeze(1)
 
 
@@ -88,6 +90,8 @@ class MMFS(nn.Module):
     to the query before both projections. The softmax is joint over all visible images,
     levels and slots; invisible images are masked out; queries that see no image return 0.
     """
+
+    CHUNK = 64  # (image, query) pairs sampled together; see forward
 
     def __init__(self, query_dim: int, value_dim: int, *, hidden_size: int, num_heads: int,
                  num_points: int, num_levels: int, max_images: int):
@@ -174,7 +178,8 @@ class MMFS(nn.Module):
         #    are projected once and the projected image-index table is gathered by rank
         rank = image_ranks(visible, self.max_images)  # (B, Q, M)
         table = self.image_index_embed.weight
-        logit = self.attention_weights(query)[:, :, None] + F.linear(table, self.attention_weights.weight)[rank]
+        logit_table = F.linear(table, self.attention_weights.weight)  # (R, H*L*(P+1))
+        logit = self.attention_weights(query)[:, :, None] + F.embedding(rank, logit_table)
         dt = values[0].dtype  # the sampling dtype, float32 at least
         logit = logit.to(dt).view(B, Q, M, H, L * (P + 1))  # (B, Q, M, H, L*(P+1))
 
@@ -189,45 +194,60 @@ class MMFS(nn.Module):
         #    pairs read the same image), rows padded to the longest with zero-weight pairs
         vis = visible.transpose(1, 2).flatten(1)  # (B, M*Q)
         count = vis.sum(1)  # (B,)
-        K = int(count.max())
-        pair = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, :K]  # (B, K) visible first, in order
+        n = int(count.max())
+        pair = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n) visible, in order
+        # pairs go in chunks of at most CHUNK: grid_sample walks a chunk's P points before the
+        # next chunk, so neighbouring reads stay in cache, and P stays an outer dimension
+        G = -(-n // self.CHUNK)  # chunks
+        Kc = -(-n // G)  # pairs per chunk
+        K = G * Kc
+        pair = F.pad(pair, (0, K - n))  # (B, K)
         pm, pq = pair // Q, pair % Q  # (B, K)
-        row = torch.arange(B, device=query.device)[:, None]  # (B, 1)
-        valid = torch.arange(K, device=query.device) < count[:, None]  # (B, K)
+        qi = (torch.arange(B, device=query.device)[:, None] * Q + pq).flatten()  # (B*K,) each pair's query
+        ri = qi * M + pm.flatten()  # (B*K,) each pair's (query, image) entry
+        valid = (torch.arange(K, device=query.device) < count[:, None]).flatten()  # (B*K,)
 
-        off = self.sampling_offsets(query)[row, pq] + F.linear(table, self.sampling_offsets.weight)[rank[row, pq, pm]]
-        off = off.to(dt).view(B, K, H, P, 2).permute(0, 2, 3, 1, 4)  # (B, H, P, K, 2)
-        w = (attn[row, pq, pm] * valid[..., None, None, None]).permute(3, 0, 2, 4, 1).contiguous()  # (L, B, H, P, K)
-        ref = off.new_tensor(0.5) if ref_points is None else ref_points.to(dt)[row, pq][:, None, None]  # (B, 1, 1, K, 2)
-        top = pm[:, None, None].to(dt)  # (B, 1, 1, K) first atlas row of each pair's image, in image heights
+        off_table = F.linear(table, self.sampling_offsets.weight)  # (R, H*P*2)
+        off = self.sampling_offsets(query).flatten(0, 1).index_select(0, qi)  # (B*K, H*P*2)
+        off = off + F.embedding(rank.flatten()[ri], off_table)
+        off = off.to(dt).view(B, G, Kc, H, P, 2).permute(0, 3, 1, 4, 2, 5)  # (B, H, G, P, Kc, 2)
+        w = attn.flatten(0, 2).index_select(0, ri) * valid[:, None, None, None]  # (B*K, H, L, P)
+        w = w.view(B, G, Kc, H, L, P).permute(4, 0, 3, 1, 5, 2).contiguous()  # (L, B, H, G, P, Kc)
+        if ref_points is None:
+            ref = off.new_tensor(0.5)
+        else:
+            ref = ref_points.to(dt).flatten(0, 1)[qi].view(B, 1, G, 1, Kc, 2)  # (B, 1, G, 1, Kc, 2)
+        top = pm.view(B, 1, G, 1, Kc).to(dt)  # first atlas row of each pair's image, in image heights
 
         # 4. sampling grids for all levels at once, in grid_sample's [-1, 1] coordinates. Images
         #    touch in the atlas, so y is clamped into the pair's own image and zero padding is
         #    emulated by a factor that fades the sample out beyond the top and bottom edges
         #    (exact: bilinear weights are linear in the distance to the edge)
-        size = off.new_tensor([[v.shape[-1], v.shape[-2] // M] for v in values]).view(L, 1, 1, 1, 1, 2)
-        x, y = (ref * size + off - 0.5).unbind(-1)  # (L, B, H, P, K) pixel coordinates
-        Wl, Hl = size.unbind(-1)  # (L, 1, 1, 1, 1)
-        fade = (1 - (-y).clamp(0, 1)) * (1 - (y - (Hl - 1)).clamp(0, 1))  # (L, B, H, P, K)
+        size = off.new_tensor([[v.shape[-1], v.shape[-2] // M] for v in values]).view(L, 1, 1, 1, 1, 1, 2)
+        x, y = (ref * size + off - 0.5).unbind(-1)  # (L, B, H, G, P, Kc) pixel coordinates
+        Wl, Hl = size.unbind(-1)  # (L, 1, 1, 1, 1, 1)
+        fade = (1 - (-y).clamp(0, 1)) * (1 - (y - (Hl - 1)).clamp(0, 1))  # (L, B, H, G, P, Kc)
         gx = (x + 0.5) * (2 / Wl) - 1
         gy = (top * Hl + torch.minimum(y.clamp(min=0), Hl - 1) + 0.5) * (2 / (M * Hl)) - 1
-        grid = torch.stack([gx, gy], -1)  # (L, B, H, P, K, 2)
-        w = w * fade  # (L, B, H, P, K)
+        grid = torch.stack([gx, gy], -1)  # (L, B, H, G, P, Kc, 2)
+        w = w * fade  # (L, B, H, G, P, Kc)
 
         # 5. one grid_sample per level over all (pair, head) points, weighted and summed over
         #    points right away
         out = None
         with torch.autocast(query.device.type, enabled=False):  # keep the atlas coordinates exact
             for v, g, wl in zip(values, grid.unbind(0), w.unbind(0)):
-                s = F.grid_sample(v, g.view(B * H, P, K, 2), mode="bilinear", padding_mode="zeros",
-                                  align_corners=False)  # (B*H, Dh, P, K)
-                s = _PointSum.apply(s, wl.view(B * H, 1, P, K))  # (B*H, Dh, K)
+                s = F.grid_sample(v, g.view(B * H, G * P, Kc, 2), mode="bilinear", padding_mode="zeros",
+                                  align_corners=False)  # (B*H, Dh, G*P, Kc)
+                s = s.view(B * H, -1, G, P, Kc)  # (B*H, Dh, G, P, Kc)
+                s = _PointSum.apply(s, wl.view(B * H, 1, G, P, Kc))  # (B*H, Dh, G, Kc)
                 out = s if out is None else out + s
 
         # 6. back to queries: each pair adds to its query's column (a scatter along the last
         #    dimension keeps the gradient of the samples contiguous); then the output projection
-        out = out.view(B, self.hidden_size, K)  # (B, D, K)
-        out = out.new_zeros(B, self.hidden_size, Q).scatter_add(2, pq[:, None].expand_as(out), out)  # (B, D, Q)
+        out = out.view(B, self.hidden_size, K)  # (B, D, K), chunks back in pair order
+        index = pq[:, None].expand_as(out)  # (B, D, K)
+        out = out.new_zeros(B, self.hidden_size, Q).scatter_add(2, index, out)  # (B, D, Q)
         out = self.output_proj(out.transpose(1, 2).to(query.dtype))  # (B, Q, C)
         return out * has_image.to(out.dtype)
 

@@ -1,7 +1,9 @@
 """Run folders and checkpoints: ``RUN/step-000500/{model/, trainer/}``, written atomically.
 
-A checkpoint is first written under a temporary name and renamed into place, so a folder
-named ``step-NNNNNN`` is always complete; ``--resume auto`` takes the newest one.
+A checkpoint is first written under a temporary name (``.tmp-step-NNNNNN-*``) and renamed into
+place, so a folder named ``step-NNNNNN`` is always complete; ``--resume auto`` takes the newest
+one. Temporary folders left by a killed save are never loaded and are removed when training
+starts again.
 
 - ``model/``: the model folder (safetensors, resolved config, tokenizer) — the EMA weights
   when EMA is on, since those are what sampling uses;
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -86,32 +91,82 @@ def save_checkpoint(run: Path, step: int, *, save_model: Callable[[Path], None],
         (trainer / "state.json").write_text(json.dumps(state, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. Ctrl-C right after a save)
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, old in list_checkpoints(run)[:-keep_last_n]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(ckpt: Path) -> None:
+    """Rename a checkpoint out of the ``step-*`` names, then delete it: a kill midway leaves a
+    ``.tmp-*`` folder (removed at the next start), never a ``step-*`` folder with files missing."""
+    trash = ckpt.parent / f".tmp-{ckpt.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(ckpt, trash)
+    except OSError:
+        trash = ckpt
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
     """Read a checkpoint's trainer state; tensors only through safetensors / weights_only."""
     trainer = ckpt / "trainer"
+    state = _read(trainer / "state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{trainer / 'state.json'}: holds no step number; the checkpoint is damaged — "
+                              "resume from an older step-* folder")
+    return {
+        "state": state,
+        "optimizer": _read(trainer / "optimizer.pt", _load_tensors),
+        "scheduler": _read(trainer / "scheduler.pt", _load_tensors),
+        "raw": _read(trainer / "weights.safetensors", load_file, optional=True),
+        "ema": _read(trainer / "ema.safetensors", load_file, optional=True),
+    }
+
+
+def _load_tensors(path: Path) -> Any:
+    """``torch.load`` that only accepts tensors and plain containers (never runs code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read(path: Path, loader: Callable[[Path], Any], *, optional: bool = False) -> Any:
+    """``loader(path)``, with a :class:`CheckpointError` that names the file and says what to do."""
+    if optional and not path.exists():
+        return None
     try:
-        state = json.loads((trainer / "state.json").read_text())
-        out = {
-            "state": state,
-            "optimizer": torch.load(trainer / "optimizer.pt", map_location="cpu", weights_only=True),
-            "scheduler": torch.load(trainer / "scheduler.pt", map_location="cpu", weights_only=True),
-            "raw": load_file(trainer / "weights.safetensors") if (trainer / "weights.safetensors").exists() else None,
-            "ema": load_file(trainer / "ema.safetensors") if (trainer / "ema.safetensors").exists() else None,
-        }
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt}: cannot read the trainer state ({e}); "
-                              "the folder may be damaged — resume from an older step-* folder") from None
-    return out
+        return loader(path)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # weights_only met a class, function or call
+            raise CheckpointError(f"{path}: refused — it holds Python objects other than tensors and plain "
+                                  "containers, and loading them could run code; mmgen never writes such files, "
+                                  "so do not trust this checkpoint: resume from another step-* folder or start "
+                                  "afresh") from None
+        raise CheckpointError(f"{path}: cannot read it ({_first_line(e)}); the checkpoint may be damaged — "
+                              "resume from an older step-* folder") from None
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: cannot read it ({_first_line(e)}); the checkpoint may be damaged — "
+                              "resume from an older step-* folder") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error — its first sentence when that line runs on (torch's do)."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line.split(". ")[0] if len(line) > 200 else line
+
+
+def remove_partial(run: Path) -> list[Path]:
+    """Delete the ``.tmp-step-*`` folders of saves that were killed midway; return what was removed."""
+    if not run.is_dir():
+        return []
+    partial = [p for p in run.iterdir() if p.name.startswith(".tmp-step-") and p.is_dir()]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
 
 
 def _contiguous(state: dict) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from .checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from .checkpoint import CheckpointError, load_trainer_state, remove_partial, resolve_resume, save_checkpoint
 from .data import DocumentStream
 from .optim import EMA, build_optimizer, build_scheduler
 from .plot import plot_losses, read_metrics
@@ -50,8 +50,8 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     from tqdm.auto import tqdm
 
     from ..data.collate import Collator
-    from ..data.tokenizer import build_tokenizer, load_tokenizer
-    from ..models.mm_interleaved import MMInterleaved
+    from ..data.tokenizer import build_tokenizer
+    from ..models.mm_interleaved import MMInterleaved, weights_mismatch
 
     tc = cfg.train
     if tc.deterministic:  # e.g. index_put's accumulate is not bit-exact across threads otherwise
@@ -67,9 +67,11 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     if main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(cfg.to_yaml())
+        for partial in remove_partial(run):
+            print(f"removed {partial.name}, a checkpoint whose save was cut short")
 
     # 1. tokenizer, model, optimiser — from the checkpoint's tokenizer when resuming
-    tokenizer = load_tokenizer(ckpt / "model" / "tokenizer") if ckpt else build_tokenizer(cfg)
+    tokenizer = _checkpoint_tokenizer(ckpt) if ckpt else build_tokenizer(cfg)
     torch.manual_seed(tc.seed)
     model = MMInterleaved(cfg, tokenizer)
     optimizer = build_optimizer(model, tc)
@@ -82,21 +84,31 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     if ckpt is not None:
         saved = load_trainer_state(ckpt)
         if saved["raw"] is not None:  # EMA runs keep the raw training weights apart
-            result = model.load_state_dict(saved["raw"], strict=False)
+            try:
+                result = model.load_state_dict(saved["raw"], strict=False)
+            except RuntimeError as e:  # shapes differ
+                raise TrainingError(_MISMATCH.format(ckpt=ckpt, what=weights_mismatch(e))) from None
             frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
             if result.unexpected_keys or set(result.missing_keys) - frozen - _buffers(model):
-                raise TrainingError(f"{ckpt}: its weights do not match this config "
-                                    f"(e.g. {(result.unexpected_keys or result.missing_keys)[:3]})")
+                what = f"e.g. {(result.unexpected_keys or result.missing_keys)[:3]}"
+                raise TrainingError(_MISMATCH.format(ckpt=ckpt, what=what))
         else:
             _load_model_weights(model, ckpt / "model")
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TrainingError(f"{ckpt}: its optimiser or schedule state does not fit this config ({e}); the "
+                                "trainable groups or optimiser settings changed — resume with the config it was "
+                                "trained with, or start afresh in a new train.out_dir") from None
         if ema is not None and saved["ema"] is not None:
             ema.load_state_dict({"decay": tc.ema_decay, "num_updates": saved["state"].get("ema_num_updates", 0),
                                  "shadow": saved["ema"]})
         start, samples_seen = saved["state"]["step"], saved["state"].get("samples_seen", 0)
         if main:
             print(f"resumed from {ckpt} at step {start}")
+    if main:  # steps after the checkpoint are done again: drop their rows
+        _trim_metrics(run / "metrics.jsonl", start)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     stream = DocumentStream(cfg.data, tc.seed)
@@ -211,15 +223,49 @@ def _buffers(model: torch.nn.Module) -> set[str]:
     return {n for n, _ in model.named_buffers()}
 
 
+_MISMATCH = ("{ckpt}: its weights do not fit the model this config builds ({what}); it was trained with "
+             "another model config — resume with that config (-c {ckpt}/model/config.yaml), or start afresh in a "
+             "new train.out_dir")
+
+
+def _checkpoint_tokenizer(ckpt: Path):
+    from ..data.tokenizer import TokenizerError, load_tokenizer
+
+    folder = ckpt / "model" / "tokenizer"
+    if not folder.is_dir():
+        raise CheckpointError(f"{ckpt}: model/tokenizer/ is missing, so the checkpoint is incomplete; resume "
+                              "from another step-* folder or start afresh")
+    try:
+        return load_tokenizer(folder)
+    except TokenizerError as e:
+        raise CheckpointError(f"{ckpt}: its tokenizer cannot be loaded ({e})") from None
+
+
 def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    from ..models.mm_interleaved import weights_mismatch
+
+    path = folder / "model.safetensors"
     try:
-        load_model(model, str(folder / "model.safetensors"), strict=True)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise TrainingError(f"{folder / 'model.safetensors'}: cannot resume from it ({str(e).splitlines()[0]}); "
+        load_model(model, str(path), strict=True)
+    except (SafetensorError, OSError) as e:
+        raise TrainingError(f"{path}: cannot resume from it ({str(e).splitlines()[0]}); it is damaged — "
                             "resume from another step-* folder or start afresh") from None
+    except RuntimeError as e:
+        raise TrainingError(_MISMATCH.format(ckpt=folder.parent, what=weights_mismatch(e))) from None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (and drop a line cut short by a kill)."""
+    if not path.exists():
+        return
+    rows = [r for r in read_metrics(path) if isinstance(r, dict) and isinstance(r.get("step"), int)
+            and r["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def _documents(stream: DocumentStream, step: int, micro: int, rank: int):
