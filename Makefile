@@ -17,14 +17,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mmgen data shapes --out out/shapes --n 32 --seed 0 --size 64
-	$(BIN)/mmgen data validate out/shapes/documents.jsonl examples/prompts/stories.txt
+	$(BIN)/mmgen generate examples/prompts/stories.txt examples/prompts/shapes.jsonl --out out --overwrite
 
 test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mmfs.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) out

@@ -68,3 +68,12 @@ def test_validate_lists_every_problem_with_file_and_line(tmp_path):
     for line in (2, 3, 4, 5):
         assert f"{f}:{line}:" in out
     assert f"{f}:1:" not in out
+
+
+def test_shipped_example_prompts_are_valid():
+    from pathlib import Path
+
+    prompts = sorted((Path(__file__).resolve().parent.parent / "examples" / "prompts").glob("*.*"))
+    assert {p.suffix for p in prompts} >= {".txt", ".jsonl"}
+    result = runner.invoke(app, ["data", "validate", *map(str, prompts)])
+    assert result.exit_code == 0, result.output
