@@ -133,7 +133,8 @@ def generate_command(
 @app.command("eval")
 def eval_command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Model, checkpoint or run folder.")] = BUNDLED,
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: t2i, caption, continuation, story.")]
+    tasks: Annotated[str, typer.Option(
+        "--tasks", help="Comma-separated: t2i, caption, continuation, story, zeroshot, fewshot.")]
     = "t2i,caption,continuation,story",
     n: Annotated[int, typer.Option("--n", min=1, help="Prompts per task.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation prompts and of sampling.")] = 0,
@@ -149,6 +150,7 @@ def eval_command(
     import json
 
     from mmgen.evaluation.report import write_metrics, write_report
+    from mmgen.evaluation.in_context import IN_CONTEXT, evaluate_in_context
     from mmgen.evaluation.shapes_eval import evaluate
     from mmgen.generation.api import GenerationError, load_model, make_settings
 
@@ -161,9 +163,12 @@ def eval_command(
     try:
         model, folder = load_model(checkpoint, device)
         settings = make_settings(model, overrides)
-        with progress_callback("prompts", total=n * len(names)) as advance:
-            results = evaluate(model, names, n=n, seed=seed, settings=overrides, checkpoint=str(folder),
+        extra = [t for t in names if t in IN_CONTEXT]
+        shapes_tasks = [t for t in names if t not in IN_CONTEXT]
+        with progress_callback("prompts", total=n * len(shapes_tasks)) as advance:
+            results = evaluate(model, shapes_tasks, n=n, seed=seed, settings=overrides, checkpoint=str(folder),
                                progress=lambda: advance(1))
+        results.update(evaluate_in_context(model, extra, n=n, seed=seed, settings=overrides))
     except (GenerationError, ValueError) as e:
         fail(str(e))
     record = {"checkpoint": str(folder), "n": n, "seed": seed, **settings.__dict__}
