@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mmgen.generation.api import BUNDLED_CHECKPOINT, load_model  # noqa: E402
-from mmgen.generation.generator import Generator, Settings  # noqa: E402
+from mmgen.generation.generator import Generator, settings_from  # noqa: E402
 
 
 def sync(device) -> None:
@@ -111,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     model, folder = load_model(args.checkpoint, args.device)
     dev = model.device
-    s = Settings.from_config(model.cfg.generate)
+    s = settings_from(model.cfg.generate)
     print(f"checkpoint {folder}; device {dev}; threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.2f}")
     n_new = 64 if args.quick else 256
@@ -126,10 +126,10 @@ def main() -> None:
 
     prompts = eval_prompts("story", 4 if args.quick else 16, 0, model.cfg.data.image_size)
     gen = Generator(model)
-    story = Settings(**{**s.__dict__, "max_images": 2, "max_new_tokens": 48, "temperature": 0.0})
+    story = settings_from(s, max_images=2, max_new_tokens=48, temperature=0.0)
 
     def run(batch: int) -> None:
-        for _ in gen.generate(prompts, Settings(**{**story.__dict__, "batch_size": batch})):
+        for _ in gen.generate(prompts, settings_from(story, batch_size=batch)):
             pass
 
     t1 = timed(lambda: run(1), dev, repeats=1)
@@ -144,7 +144,7 @@ def main() -> None:
 
     # 4. one 4-image story with the default settings
     one = eval_prompts("story", 1, 1, model.cfg.data.image_size)
-    four = Settings(**{**s.__dict__, "max_images": 4, "batch_size": 1})
+    four = settings_from(s, max_images=4, batch_size=1)
     t = time.perf_counter()
     (_, doc), = list(gen.generate(one, four))
     story_s = time.perf_counter() - t

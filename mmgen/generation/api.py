@@ -74,9 +74,9 @@ def load_model(checkpoint: str | Path = BUNDLED_CHECKPOINT, device: str = "auto"
 
 
 def make_settings(model, overrides: dict[str, Any]):
-    from .generator import Settings
+    from .generator import settings_from
 
-    settings = Settings.from_config(model.cfg.generate, **overrides)
+    settings = settings_from(model.cfg.generate, **overrides)
     if settings.sampler not in SAMPLERS:
         raise GenerationError(f"unknown sampler {settings.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     return settings

@@ -36,24 +36,13 @@ from ..data.documents import Document, Segment
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Settings:
-    """Sampling settings; every one is recorded in the output's ``meta``."""
+# the sampling settings are the config's `generate` section; every one is recorded in `meta`
+Settings = GenerateConfig
 
-    sampler: str = "dpm++"
-    steps: int = 20
-    guidance: float = 2.5
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_images: int = 4
-    max_new_tokens: int = 128
-    batch_size: int = 8
-    seed: int = 0
 
-    @classmethod
-    def from_config(cls, cfg: GenerateConfig, **overrides: Any) -> Settings:
-        base = cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+def settings_from(cfg: GenerateConfig, **overrides: Any) -> GenerateConfig:
+    """``cfg`` with the overrides that are not None."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
