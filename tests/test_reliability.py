@@ -257,13 +257,32 @@ def _other_hidden_size(folder):
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
+def _alter_data(folder):  # a few bytes inside a tensor: the file still parses
+    w = folder / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-100:-96] = bytes(255 - b for b in data[-100:-96])
+    w.write_bytes(bytes(data))
+
+
+def _unrecorded(damage):  # a folder without checksums.json (e.g. written by hand): the file itself is checked
+    return lambda folder: ((folder / "checksums.json").unlink(), damage(folder))
+
+
+CHANGED = r"model\.safetensors is damaged: its SHA-256 differs .* copy it again"
 DAMAGED_MODELS = {
-    "truncated weights": (_truncate, r"model\.safetensors is not a readable safetensors file .*cut short — "
-                                     r"copy it again"),
-    "garbled header": (_garble_header, r"model\.safetensors is not a readable safetensors file .*damaged"),
-    "renamed tensor": (_rename_a_tensor, r"model\.safetensors does not match config\.yaml: 1 tensor missing from "
-                                         r"the file \(e\.g\. llm\..*\), 1 tensor in the file but not in the model "
-                                         r"\(e\.g\. LLM\..*use the config"),
+    "truncated weights": (_truncate, CHANGED),
+    "garbled header": (_garble_header, CHANGED),
+    "altered tensor bytes": (_alter_data, CHANGED),
+    "renamed tensor": (_rename_a_tensor, CHANGED),
+    "truncated weights, no checksum": (_unrecorded(_truncate),
+                                       r"model\.safetensors is not a readable safetensors file .*cut short — "
+                                       r"copy it again"),
+    "garbled header, no checksum": (_unrecorded(_garble_header),
+                                    r"model\.safetensors is not a readable safetensors file .*damaged"),
+    "renamed tensor, no checksum": (_unrecorded(_rename_a_tensor),
+                                    r"model\.safetensors does not match config\.yaml: 1 tensor missing from "
+                                    r"the file \(e\.g\. llm\..*\), 1 tensor in the file but not in the model "
+                                    r"\(e\.g\. LLM\..*use the config"),
     "unknown config field": (_unknown_field,
                              r"config\.yaml: unknown config key `model\.colour_depth` .*undo the edit"),
     "missing tokenizer": (lambda f: shutil.rmtree(f / "tokenizer"),
@@ -309,7 +328,10 @@ DAMAGED_CHECKPOINTS = {
     "truncated raw weights": (lambda c: _cut(c / "trainer" / "weights.safetensors"), [],
                               r"weights\.safetensors: cannot read it .*resume from an older step-\* folder"),
     "truncated model weights, no EMA": (lambda c: (_without_ema(c), _cut(c / "model" / "model.safetensors")), [],
-                                        r"model\.safetensors: cannot resume from it .*damaged"),
+                                        r"cannot resume: .*model\.safetensors is damaged: its SHA-256 differs"),
+    "truncated model weights, no EMA, no checksum": (
+        lambda c: (_without_ema(c), (c / "model" / "checksums.json").unlink(), _cut(c / "model" / "model.safetensors")),
+        [], r"model\.safetensors: cannot resume from it .*damaged"),
     "truncated optimizer": (lambda c: _cut(c / "trainer" / "optimizer.pt", 1000), [],
                             r"optimizer\.pt: cannot read it .*resume from an older step-\* folder"),
     "garbled state.json": (lambda c: (c / "trainer" / "state.json").write_text('{"step": '), [],

@@ -20,6 +20,8 @@ folders (the ``pretrained`` fields), so those folders must exist when a checkpoi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+CHECKSUMS_NAME = "checksums.json"
 TOKENIZER_DIR = "tokenizer"
 FREEZE_GROUPS = ("vision", "llm", "sync", "decoder")
 
@@ -229,6 +232,7 @@ class MMInterleaved(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "mmgen"})
+        (folder / CHECKSUMS_NAME).write_text(json.dumps({WEIGHTS_NAME: file_sha256(folder / WEIGHTS_NAME)}) + "\n")
         (folder / CONFIG_NAME).write_text(self.cfg.to_yaml(), encoding="utf-8")
         self.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
         return folder
@@ -252,6 +256,7 @@ class MMInterleaved(nn.Module):
         except ConfigError as e:
             raise ConfigError(f"{folder / CONFIG_NAME}: {e}; this must be the config saved with the weights — "
                               "undo the edit, or load it with the mmgen version that wrote it") from None
+        verify_checksum(folder, WEIGHTS_NAME)
         model = cls(cfg, load_tokenizer(folder / TOKENIZER_DIR))
         try:
             load_model(model, str(folder / WEIGHTS_NAME), strict=True)
@@ -263,6 +268,28 @@ class MMInterleaved(nn.Module):
                              f"weights were saved with another model config — use the {CONFIG_NAME} saved "
                              "with them") from None
         return model.to(device)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksum(folder: Path, name: str) -> None:
+    """Compare ``name`` with the SHA-256 that ``save_pretrained`` recorded (folders without one pass)."""
+    record = folder / CHECKSUMS_NAME
+    if not record.is_file():
+        return
+    try:
+        expected = json.loads(record.read_text()).get(name)
+    except (ValueError, AttributeError):
+        raise ValueError(f"{record} is damaged (not a JSON object); copy the model folder again") from None
+    if expected is not None and file_sha256(folder / name) != expected:
+        raise ValueError(f"{folder / name} is damaged: its SHA-256 differs from the one recorded when it was "
+                         f"saved ({CHECKSUMS_NAME}); copy it again or use another checkpoint")
 
 
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "

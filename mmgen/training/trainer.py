@@ -245,11 +245,14 @@ def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from ..models.mm_interleaved import weights_mismatch
+    from ..models.mm_interleaved import verify_checksum, weights_mismatch
 
     path = folder / "model.safetensors"
     try:
+        verify_checksum(folder, path.name)
         load_model(model, str(path), strict=True)
+    except ValueError as e:  # the recorded checksum differs
+        raise TrainingError(f"cannot resume: {e}") from None
     except (SafetensorError, OSError) as e:
         raise TrainingError(f"{path}: cannot resume from it ({str(e).splitlines()[0]}); it is damaged — "
                             "resume from another step-* folder or start afresh") from None
