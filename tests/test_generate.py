@@ -192,3 +192,19 @@ document.getElementById('f').onload = function () {{
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert "images=2 loaded=true" in dom, dom[-2000:]
     assert "The circle turns blue." in dom
+
+
+def test_the_bundled_model_writes_illustrated_stories(tmp_path):
+    """The README's main command, on the shipped checkpoint (fewer sampling steps, for speed)."""
+    from mmgen.generation.api import BUNDLED_CHECKPOINT
+
+    assert (BUNDLED_CHECKPOINT / "model.safetensors").is_file(), "the bundled checkpoint is missing"
+    assert sum(f.stat().st_size for f in BUNDLED_CHECKPOINT.rglob("*") if f.is_file()) <= 30 * 2**20
+    prompts = Path(__file__).resolve().parent.parent / "examples" / "prompts" / "stories.txt"
+    result = runner.invoke(app, ["generate", str(prompts), "--out", str(tmp_path / "out"), "--steps", "4",
+                                 "--max-images", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    docs = [next(iter_records(p)) for p in sorted((tmp_path / "out").glob("*/document.json"))]
+    assert len(docs) == 6
+    assert sum(s.type == "image" and s.source == "generated" for d in docs for s in d.segments) >= 1
+    assert (tmp_path / "out" / "index.html").is_file()
