@@ -101,7 +101,7 @@ def test_save_load_identical(tiny, tmp_path):
     model, _, batch = tiny
     model.eval()
     model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.yaml", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checksums.json", "config.yaml", "model.safetensors", "tokenizer"]
     loaded = MMInterleaved.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.cfg == model.cfg
     assert len(loaded.tokenizer) == len(model.tokenizer)
@@ -116,6 +116,9 @@ def test_load_errors(tiny, tmp_path):
         MMInterleaved.from_pretrained(tmp_path)
     model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is damaged: its SHA-256 differs"):
+        MMInterleaved.from_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "checksums.json").unlink()  # without the record, the file itself is checked
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         MMInterleaved.from_pretrained(tmp_path / "ckpt")
     other, _ = make(["model.resampler.num_layers=2"])
