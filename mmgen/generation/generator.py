@@ -212,12 +212,12 @@ class Generator:
                     d.boi_at.append(past + start - 1 if boi is None else boi)
             mask = torch.cat([mask, new_mask], dim=1)  # (B, past + L)
             key = tuple((i, len(docs[i].maps)) for i in order)
-            features, visible = self._image_slots(rows, past, L)
-            if features is not None and key != values_key:
-                values, values_key = self.model.llm.prepare_image_values(features), key
+            has_images = any(d.maps for d in rows)
+            if has_images and key != values_key:  # the slots change only when an image is added
+                values, values_key = self.model.llm.prepare_image_values(self._slots(rows)[0]), key
             out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
-                                 image_values=values if features is not None else None,
-                                 visible=visible if features is not None else None)
+                                 image_values=values if has_images else None,
+                                 visible=self._visible(rows, past, L) if has_images else None)
             cache = out.past_key_values
             last = new_mask.sum(1) - 1  # (B,) index of each row's last real token in the chunk
             logits = out.logits[torch.arange(B), last].float()  # (B, V)
@@ -257,26 +257,30 @@ class Generator:
                     mask = mask[idx]
                     values_key = None
 
-    def _image_slots(self, rows: list[_Doc], past: int, L: int):
-        """Each row's images as MMFS slots [(B, M, C, H_l, W_l)] and which new tokens see them (B, L, M)."""
-        M = max(len(d.maps) for d in rows)
+    def _slots(self, docs: list[_Doc]) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """Each document's images as slots: maps [(n, M, C, H_l, W_l)] and which slots hold one (n, M)."""
+        M = max(len(d.maps) for d in docs)
         if M == 0:
             return None, None
-        levels = len(rows[0].maps[0] if rows[0].maps else next(d.maps[0] for d in rows if d.maps))
-        template = next(d.maps[0] for d in rows if d.maps)
-        features = []
-        for lvl in range(levels):
-            slots = torch.zeros(len(rows), M, *template[lvl].shape, device=self.device, dtype=template[lvl].dtype)
-            for b, d in enumerate(rows):
-                for m, maps in enumerate(d.maps):
-                    slots[b, m] = maps[lvl]
-            features.append(slots)
+        template = next(d.maps[0] for d in docs if d.maps)
+        features = [torch.zeros(len(docs), M, *t.shape, device=self.device, dtype=t.dtype) for t in template]
+        present = torch.zeros(len(docs), M, dtype=torch.bool, device=self.device)
+        for n, d in enumerate(docs):
+            for m, maps in enumerate(d.maps):
+                for lvl, f in enumerate(maps):
+                    features[lvl][n, m] = f
+                present[n, m] = True
+        return features, present
+
+    def _visible(self, rows: list[_Doc], past: int, L: int) -> torch.Tensor:
+        """Which image slots each new token sees (B, L, M): images whose <boi> came before it."""
+        M = max(len(d.maps) for d in rows)
         positions = past + torch.arange(L, device=self.device)  # (L,) cache index of each new token
         visible = torch.zeros(len(rows), L, M, dtype=torch.bool, device=self.device)
         for b, d in enumerate(rows):
             for m, at in enumerate(d.boi_at):
                 visible[b, :, m] = positions > at
-        return features, visible
+        return visible
 
     def _next_token(self, d: _Doc, logits: torch.Tensor, s: Settings) -> None:
         t0 = time.perf_counter()
@@ -346,17 +350,7 @@ class Generator:
         for n, c in enumerate(contexts):
             context[n, :c.shape[0]], cmask[n, :c.shape[0]] = c, True
         # 2. the earlier images each one may read (its own document's), as slots
-        M = max(len(d.maps) for d in asking)
-        prev_features = prev_visible = None
-        if M:
-            template = next(d.maps[0] for d in asking if d.maps)
-            prev_features = [torch.zeros(len(asking), M, *t.shape, device=self.device, dtype=t.dtype) for t in template]
-            prev_visible = torch.zeros(len(asking), M, dtype=torch.bool, device=self.device)
-            for n, d in enumerate(asking):
-                for m, maps in enumerate(d.maps):
-                    for lvl, f in enumerate(maps):
-                        prev_features[lvl][n, m] = f
-                    prev_visible[n, m] = True
+        prev_features, prev_visible = self._slots(asking)
         # 3. sample, each image from its own document's generator
         images = self.model.decoder.sample(context, cmask, prev_features, prev_visible, sampler=s.sampler,
                                            steps=s.steps, guidance=s.guidance, generator=[d.gen for d in asking])
