@@ -8,6 +8,7 @@ so `mmgen --help` answers at once.
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,18 +55,29 @@ def _load_config(config: Path | None, overrides: list[str] | None):
 # mmgen train
 
 
+class Stage(str, Enum):
+    main = "main"
+    align = "align"
+
+
 @app.command("train")
 def train_command(
     config: ConfigOpt = None,
     overrides: Overrides = None,
+    stage: Annotated[Stage, typer.Option(
+        "--stage", help="main: the whole model (train.*, into train.out_dir). align: COSMOS alignment of the "
+                        "vision tower with a small text encoder (align.*, into align.out_dir); use its "
+                        "RUN/step-NNNNNN/vision as model.vision.pretrained.")] = Stage.main,
     resume: Annotated[Optional[str], typer.Option(
-        "--resume", help="`auto` (newest checkpoint of train.out_dir, if any) or a RUN/step-NNNNNN folder.")] = None,
+        "--resume", help="`auto` (newest checkpoint of train.out_dir, or align.out_dir with --stage align, if any) "
+                         "or a RUN/step-NNNNNN folder.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
-        "--max-steps", min=1, help="Stop after this many steps (the schedule still spans train.steps).")] = None,
+        "--max-steps", min=1, help="Stop after this many steps (the schedule still spans train.steps, "
+                                   "or align.steps).")] = None,
 ) -> None:
     """Train a model (default config: configs/shapes_tiny.yaml). Ctrl-C saves and stops.
 
-    Under `accelerate launch` the same command runs on several processes or GPUs.
+    Under `accelerate launch` the main stage runs on several processes or GPUs; the align stage runs on one.
     """
     cfg = _load_config(config, overrides)
     from mmgen.config import ConfigError
@@ -74,6 +86,21 @@ def train_command(
     from mmgen.training.data import DataError
     from mmgen.training.trainer import TrainingError, train
 
+    if stage is Stage.align:
+        import json
+
+        from mmgen.training.align import train_align
+
+        try:
+            result = train_align(cfg, resume=resume, max_steps=max_steps)
+        except (TrainingError, CheckpointError, TokenizerError, ConfigError, ValueError) as e:
+            fail(str(e))
+        if result.retrieval is not None:
+            typer.echo(f"retrieval: {json.dumps(result.retrieval)}")
+        where = result.last_checkpoint or result.run_dir
+        typer.echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}; checkpoint: {where}"
+                   + (f"; vision tower: {where / 'vision'}" if result.last_checkpoint else ""))
+        return
     try:
         result = train(cfg, resume=resume, max_steps=max_steps)
     except (TrainingError, CheckpointError, DataError, TokenizerError, ConfigError) as e:
@@ -134,7 +161,7 @@ def generate_command(
 def eval_command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Model, checkpoint or run folder.")] = BUNDLED,
     tasks: Annotated[str, typer.Option(
-        "--tasks", help="Comma-separated: t2i, caption, continuation, story, zeroshot, fewshot.")]
+        "--tasks", help="Comma-separated: t2i, caption, continuation, story, zeroshot, fewshot, retrieval.")]
     = "t2i,caption,continuation,story",
     n: Annotated[int, typer.Option("--n", min=1, help="Prompts per task.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation prompts and of sampling.")] = 0,
@@ -151,6 +178,7 @@ def eval_command(
 
     from mmgen.evaluation.report import write_metrics, write_report
     from mmgen.evaluation.in_context import IN_CONTEXT, evaluate_in_context
+    from mmgen.evaluation.retrieval import evaluate_retrieval
     from mmgen.evaluation.shapes_eval import evaluate
     from mmgen.generation.api import GenerationError, load_model, make_settings
 
@@ -164,11 +192,16 @@ def eval_command(
         model, folder = load_model(checkpoint, device)
         settings = make_settings(model, overrides)
         extra = [t for t in names if t in IN_CONTEXT]
-        shapes_tasks = [t for t in names if t not in IN_CONTEXT]
+        retrieval = "retrieval" in names
+        if retrieval:
+            model.require_contrastive()  # a model without text-only layers fails before any task runs
+        shapes_tasks = [t for t in names if t not in IN_CONTEXT and t != "retrieval"]
         with progress_callback("prompts", total=n * len(shapes_tasks)) as advance:
             results = evaluate(model, shapes_tasks, n=n, seed=seed, settings=overrides, checkpoint=str(folder),
                                progress=lambda: advance(1))
         results.update(evaluate_in_context(model, extra, n=n, seed=seed, settings=overrides))
+        if retrieval:
+            results["retrieval"] = evaluate_retrieval(model, n=n, seed=seed, batch_size=batch_size or 32)
     except (GenerationError, ValueError) as e:
         fail(str(e))
     record = {"checkpoint": str(folder), "n": n, "seed": seed, **settings.__dict__}
@@ -239,15 +272,19 @@ def data_shapes(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of stories.")] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     size: Annotated[int, typer.Option("--size", min=32, help="Image width W in pixels (>= 32).")] = 64,
+    video: Annotated[bool, typer.Option(
+        "--video", help="Tell each story as text and one MP4 clip (videos/*.mp4) instead of images.")] = False,
 ) -> None:
-    """Write a ShapeStories corpus: documents.jsonl, images/*.png, ground truth in meta."""
+    """Write a ShapeStories corpus: documents.jsonl, images/*.png (or videos/*.mp4), ground truth in meta."""
     from mmgen.data.shapes import write_corpus
+    from mmgen.data.shapes_video import write_video_corpus
 
     from .progress import progress_callback
 
+    write = write_video_corpus if video else write_corpus
     with progress_callback("stories", total=n) as advance:
-        path = write_corpus(out, n=n, seed=seed, size=size, progress=lambda done, total: advance(1))
-    typer.echo(f"wrote {n} stories to {path}")
+        path = write(out, n=n, seed=seed, size=size, progress=lambda done, total: advance(1))
+    typer.echo(f"wrote {n} {'video ' if video else ''}stories to {path}")
 
 
 def main() -> None:  # pragma: no cover - entry point

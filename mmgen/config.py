@@ -1,7 +1,7 @@
 """Typed, nested, validated configuration.
 
 A config is a tree of dataclasses (model: vision, resampler, llm, mmfs, decoder; data; train;
-generate) loaded from YAML, with dotted ``key=value`` overrides from the command line:
+generate; align, the COSMOS alignment stage) loaded from YAML, with dotted ``key=value`` overrides from the command line:
 
     cfg = load_config("configs/shapes_tiny.yaml", ["train.lr=1e-3", "model.mmfs.every_k=2"])
 
@@ -92,12 +92,13 @@ class LLMConfig:
     max_position_embeddings: int = 512
     vocab_size: int = 1024  # size of the tokenizer trained on the corpus (tiny configs)
     text_only_layers: int = 0  # CosMo: lower layers without MMFS
+    contrastive_dim: int = 64  # CosMo: width of the image/text embeddings of the contrastive loss
     trainable: bool = True
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                  "max_position_embeddings", "vocab_size")
+                  "max_position_embeddings", "vocab_size", "contrastive_dim")
         if self.hidden_size % self.num_heads:
             raise ConfigError("model.llm.hidden_size must be divisible by model.llm.num_heads")
         if not 0 <= self.text_only_layers <= self.num_layers:
@@ -181,13 +182,13 @@ class ModelConfig:
 class SourceConfig:
     """One training source; several are mixed with their weights."""
 
-    kind: Literal["shapes", "jsonl", "pairs"] = "shapes"
+    kind: Literal["shapes", "shapes_video", "jsonl", "pairs"] = "shapes"
     path: str | None = None  # a JSONL file or a folder of them (jsonl, pairs)
     weight: float = 1.0
-    seed: int = 0  # shapes: the stream's seed
+    seed: int = 0  # shapes, shapes_video: the stream's seed
 
     def validate(self) -> None:
-        if self.kind != "shapes" and not self.path:
+        if self.kind not in ("shapes", "shapes_video") and not self.path:
             raise ConfigError(f"data.sources: a `{self.kind}` source needs a `path`")
         if self.weight <= 0:
             raise ConfigError("data.sources: `weight` must be positive")
@@ -275,11 +276,86 @@ class GenerateConfig:
 
 
 @dataclass
+class AlignConfig:
+    """COSMOS alignment stage (`mmgen train --stage align`, DESIGN.md §8).
+
+    Trains the vision tower (``model.vision``) and a tiny CLIP text encoder with an image-text
+    contrastive loss plus cross-modality self-distillation from an EMA teacher. The optimiser
+    settings not named here (betas, eps, weight decay, clipping, lr floor, save/log cadence,
+    seed) come from ``train.*``.
+    """
+
+    out_dir: str = "runs/align-tiny"  # its own run folder: never a main training run's
+    steps: int = 300
+    batch_size: int = 32  # images (each with its sentence) per step
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    # the text encoder: a CLIPTextModel built from these numbers, fed the project's tokenizer
+    text_hidden_size: int = 64
+    text_num_layers: int = 2
+    text_num_heads: int = 4
+    text_intermediate_size: int = 128
+    text_max_len: int = 32  # tokens per caption, end-of-text token included
+    embed_dim: int = 64  # shared image-text embedding width
+    # multi-crop: image crops are given as shares of the frame's area
+    global_crops: int = 2
+    global_scale: tuple[float, float] = (0.7, 1.0)  # mild: positions are named in the captions
+    local_crops: int = 4
+    local_scale: tuple[float, float] = (0.15, 0.45)
+    local_size: int = 16  # pixels; a multiple of model.vision.patch_size
+    text_crops: int = 2  # cropped captions: random runs of words of the sentence
+    text_crop_words: tuple[float, float] = (0.3, 0.7)  # share of the sentence's words kept
+    # losses
+    distill_weight: float = 1.0  # weight of the self-distillation loss; 0: contrastive only
+    init_temperature: float = 0.07  # contrastive temperature (learned)
+    prototypes: int = 64  # K outputs of the DINO-style projection head
+    head_hidden: int = 64
+    head_bottleneck: int = 32
+    cross_attn_heads: int = 4
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996  # EMA decay of the teacher
+    teacher_momentum_final: float | None = None  # cosine ramp to this (DINO: 1.0); null: fixed
+    export: Literal["student", "teacher"] = "student"  # the towers written to step-*/vision, text
+    eval_n: int = 64  # fresh frames for the retrieval score at the end of a run
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "text_hidden_size", "text_num_layers", "text_num_heads",
+                  "text_intermediate_size", "text_max_len", "embed_dim", "global_crops", "local_size",
+                  "prototypes", "head_hidden", "head_bottleneck", "cross_attn_heads", "student_temp",
+                  "teacher_temp", "init_temperature", "eval_n")
+        if self.lr <= 0:
+            raise ConfigError("align.lr must be positive")
+        if self.warmup_steps < 0 or self.local_crops < 0 or self.text_crops < 0:
+            raise ConfigError("align.warmup_steps, align.local_crops and align.text_crops must not be negative")
+        if self.batch_size < 2:
+            raise ConfigError("align.batch_size must be at least 2: the contrastive loss needs negatives")
+        if self.text_hidden_size % self.text_num_heads:
+            raise ConfigError("align.text_hidden_size must be divisible by align.text_num_heads")
+        if self.embed_dim % self.cross_attn_heads:
+            raise ConfigError("align.embed_dim must be divisible by align.cross_attn_heads")
+        if self.text_max_len < 2:
+            raise ConfigError("align.text_max_len must be at least 2 (a word and the end-of-text token)")
+        for name in ("global_scale", "local_scale", "text_crop_words"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ConfigError(f"align.{name} must be two shares with 0 < low <= high <= 1, got {[lo, hi]}")
+        if self.distill_weight < 0:
+            raise ConfigError("align.distill_weight must not be negative (0 trains the contrastive loss alone)")
+        for name in ("teacher_momentum", "teacher_momentum_final", "center_momentum"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"align.{name} must be in [0, 1], got {v}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def validate(self) -> Config:
         """Check every section and the invariants between sections; return self."""
@@ -291,6 +367,11 @@ class Config:
             raise ConfigError("model.vision.image_size must equal data.image_size for a tiny vision tower")
         if m.decoder.pretrained is None and m.decoder.image_size != d.image_size:
             raise ConfigError("model.decoder.image_size must equal data.image_size for a tiny decoder")
+        if self.train.loss_weights.contrastive and not m.llm.text_only_layers:
+            raise ConfigError("train.loss_weights.contrastive > 0 needs model.llm.text_only_layers ≥ 1: the "
+                              "CosMo contrastive loss reads the text after the text-only layers")
+        if m.vision.pretrained is None and self.align.local_size % m.vision.patch_size:
+            raise ConfigError("align.local_size must be a multiple of model.vision.patch_size")
         if m.resampler.num_queries + 2 >= d.seq_len:
             raise ConfigError("data.seq_len is too short to hold one image")
         if m.llm.pretrained is None and d.seq_len > m.llm.max_position_embeddings:
@@ -478,7 +559,7 @@ def _positive(obj: Any, *names: str) -> None:
 _SECTION_NAMES = {
     "VisionConfig": "model.vision", "ResamplerConfig": "model.resampler", "LLMConfig": "model.llm",
     "MMFSConfig": "model.mmfs", "DecoderConfig": "model.decoder", "DataConfig": "data",
-    "TrainConfig": "train", "GenerateConfig": "generate",
+    "TrainConfig": "train", "GenerateConfig": "generate", "AlignConfig": "align",
 }
 
 

@@ -100,10 +100,26 @@ def _video_frames(path: Path, frames: int | None, fps: float | None,
         raise _MediaError(str(e)) from None
     try:
         batch = reader.get_batch(indices)
-        array = batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()  # (K, H, W, 3)
+        arrays = batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()  # (K, H, W, 3)
     except Exception as e:
-        raise _MediaError(f"decord cannot decode the video frames ({' '.join(str(e).split())[:200]})") from None
-    return [Image.fromarray(a).convert("RGB") for a in array]
+        try:  # decord 0.6 fails batches at some widths (48, 72 px): read frame by frame instead
+            arrays = [_unpad(reader[i]) for i in indices]
+        except Exception:
+            raise _MediaError(f"decord cannot decode the video frames ({' '.join(str(e).split())[:200]})") from None
+    return [Image.fromarray(a).convert("RGB") for a in arrays]
+
+
+def _unpad(frame: Any) -> Any:
+    """One decord frame as (H, W, 3), undoing decord 0.6's padded rows at some widths.
+
+    There decord hands back the H rows of the padded buffer (e.g. 192 bytes for 48 px) as a
+    (H, W, 4) array; the first 3 W bytes of each row are the pixels.
+    """
+    a = frame.asnumpy() if hasattr(frame, "asnumpy") else frame.numpy()  # (H, W, C)
+    h, w = a.shape[:2]
+    if a.ndim == 3 and a.shape[2] != 3 and a.size // h > 3 * w:
+        a = a.reshape(h, -1)[:, : 3 * w].reshape(h, w, 3)  # (H, W, 3)
+    return a
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -117,7 +117,8 @@ def evaluate(model, tasks: list[str], *, n: int = 64, seed: int = 0, settings: d
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}, zeroshot, fewshot")
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}, zeroshot, fewshot, "
+                         "retrieval")
     s = make_settings(model, settings or {})
     gen = Generator(model, checkpoint=checkpoint)
     size = model.cfg.data.image_size

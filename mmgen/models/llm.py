@@ -209,6 +209,7 @@ class LMOutput:
     logits: Tensor  # (B, T, V), or the last `logits_to_keep` positions
     last_hidden_state: Tensor  # (B, T, D) after the LM's final norm
     past_key_values: Any = None  # the updated cache when use_cache
+    hidden_states: tuple[Tensor, ...] = ()  # [0] embeddings, [i] output of decoder layer i-1 (B, T, D)
 
 
 def _capture_layer_input(idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -348,7 +349,8 @@ class MMFSLanguageModel(nn.Module):
             raise RuntimeError(f"{type(self.lm).__name__} did not pass keyword arguments down to its attention "
                                "modules, so its MMFS layers cannot see the images")
         return LMOutput(logits=out.logits, last_hidden_state=out.hidden_states[-1],
-                        past_key_values=out.past_key_values if use_cache else None)
+                        past_key_values=out.past_key_values if use_cache else None,
+                        hidden_states=tuple(out.hidden_states))
 
     def _packed_mask(self, segment_ids: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
         """The 4D mask in the form the LM's attention takes as-is: bool for sdpa, additive for eager."""

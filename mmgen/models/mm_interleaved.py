@@ -11,7 +11,10 @@ One training step (DESIGN.md §1–§7):
 4. text loss: next-token cross-entropy on ``labels`` (logits[t] predicts labels[t + 1]);
 5. image loss: for every image with ``image_loss_mask``, the hidden states of its document
    from the start to its ``<boi>`` condition the decoder, which also reads (MMFS) the images
-   that its ``<boi>`` sees.
+   that its ``<boi>`` sees;
+6. contrastive loss (CosMo, when ``model.llm.text_only_layers`` ≥ 1 and its weight > 0): each
+   image's pooled resampler output against its text's pooled hidden states after the text-only
+   layers (``mmgen.models.contrastive``).
 
 A checkpoint folder (``save_pretrained``) holds ``model.safetensors``, the fully resolved
 ``config.yaml`` and ``tokenizer/``. Components of real configs are built from their local
@@ -34,8 +37,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from mmgen.config import Config, ConfigError, config_from_dict
-from mmgen.data.collate import IGNORE, Batch
+from mmgen.data.collate import IGNORE, Batch, collate, encode_document, truncate
+from mmgen.data.documents import Document, Segment
 from mmgen.data.tokenizer import load_tokenizer, special_ids
+from mmgen.models.contrastive import ContrastiveHead, image_text_spans, pool_spans, text_token_mask
 from mmgen.models.image_decoder import ImageDecoder
 from mmgen.models.llm import MMFSLanguageModel, build_llm
 from mmgen.models.resampler import Resampler
@@ -51,14 +56,19 @@ FREEZE_GROUPS = ("vision", "llm", "sync", "decoder")
 
 
 class MMInterleaved(nn.Module):
-    """The composed model. ``forward(batch) -> {"loss", "text_loss", "image_loss"}``."""
+    """The composed model. ``forward(batch) -> {"loss", "text_loss", "image_loss"[, "contrastive_loss"]}``.
+
+    With ``model.llm.text_only_layers`` ≥ 1 it also has a :class:`ContrastiveHead` (``contrastive``),
+    trained when ``train.loss_weights.contrastive`` > 0 and used for retrieval; else ``contrastive``
+    is None, so checkpoints without text-only layers keep their keys.
+    """
 
     def __init__(self, cfg: Config, tokenizer):
         super().__init__()
         m = cfg.model
-        if cfg.train.loss_weights.contrastive:
-            raise ValueError("train.loss_weights.contrastive > 0 needs the CosMo contrastive loss, "
-                             "which this model does not implement yet; set it to 0")
+        if cfg.train.loss_weights.contrastive and not m.llm.text_only_layers:
+            raise ConfigError("train.loss_weights.contrastive > 0 needs model.llm.text_only_layers ≥ 1: the "
+                              "CosMo contrastive loss reads the text after the text-only layers")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.special = special_ids(tokenizer)
@@ -70,6 +80,7 @@ class MMInterleaved(nn.Module):
         D = lm.get_input_embeddings().embedding_dim
         self.resampler = Resampler(m.resampler, C, D)
         self.decoder = ImageDecoder(m.decoder, m.mmfs, llm_dim=D, vision_dim=C, num_levels=L)
+        self.contrastive = ContrastiveHead(D, m.llm.contrastive_dim) if m.llm.text_only_layers else None
         self.set_trainable()
 
     @property
@@ -172,17 +183,82 @@ class MMInterleaved(nn.Module):
         image_loss = per_image.mean() if per_image.numel() else out.last_hidden_state.new_zeros(())
 
         w = self.cfg.train.loss_weights
-        return {"loss": w.text * text_loss + w.image * image_loss, "text_loss": text_loss,
-                "image_loss": image_loss}
+        losses = {"loss": w.text * text_loss + w.image * image_loss, "text_loss": text_loss,
+                  "image_loss": image_loss}
+
+        # 6. CosMo contrastive loss: images against their text after the text-only layers
+        if w.contrastive and has_images:
+            image_emb, text_emb = self.contrastive_pairs(batch, image_embeds, out.hidden_states)
+            losses["contrastive_loss"] = self.contrastive.loss(image_emb, text_emb)
+        elif w.contrastive:
+            losses["contrastive_loss"] = 0.0 * self.contrastive.logit_scale
+        if w.contrastive:
+            losses["loss"] = losses["loss"] + w.contrastive * losses["contrastive_loss"]
+        return losses
+
+    # --- CosMo: contrastive embeddings and retrieval ---------------------------------------------
+
+    def require_contrastive(self) -> ContrastiveHead:
+        if self.contrastive is None:
+            raise ValueError("this model has no text-only LLM layers (model.llm.text_only_layers = 0), so it "
+                             "has no CosMo contrastive embeddings for retrieval; train one with "
+                             "model.llm.text_only_layers ≥ 1 and train.loss_weights.contrastive > 0")
+        return self.contrastive
+
+    def contrastive_pairs(self, batch: Batch, image_embeds: torch.Tensor,
+                          hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit embeddings (n, E) of the images that have a text in their document, and of their texts.
+
+        Args: image_embeds (N, Q, D) resampler outputs; hidden_states the LLM's per-layer states,
+        of which ``[text_only_layers]`` (the output of the last text-only layer) is pooled.
+        """
+        head = self.require_contrastive()
+        start, end, valid = image_text_spans(batch.input_ids, batch.segment_ids, batch.position_ids,
+                                             batch.image_row, batch.image_boi, self.special)  # (N,) each
+        hidden = hidden_states[self.cfg.model.llm.text_only_layers]  # (B, T, D)
+        text = pool_spans(hidden, batch.image_row[valid], start[valid], end[valid])  # (n, D)
+        return head.embed_images(image_embeds[valid]), head.embed_texts(text)
+
+    def embed_images_for_retrieval(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) in [-1, 1] → unit embeddings (N, E): vision → resampler → pool → project."""
+        head = self.require_contrastive()
+        tokens, _ = self.vision(images.to(self.device))  # (N, 1+G², C)
+        return head.embed_images(self.resampler(tokens))  # (N, E)
+
+    def embed_texts_for_retrieval(self, texts: list[str]) -> torch.Tensor:
+        """Sentences → unit embeddings (n, E); each is a text-only document, one per row, pooled
+        over its text tokens after the text-only layers (as in training)."""
+        head = self.require_contrastive()
+        Q, d = self.cfg.model.resampler.num_queries, self.cfg.data
+        rows = []
+        for i, text in enumerate(texts):
+            doc = encode_document(Document(f"text-{i}", [Segment("text", text=text)]), self.tokenizer,
+                                  num_queries=Q)
+            doc = truncate(doc, d.seq_len, d.max_images_per_seq)
+            if doc is None:
+                raise ValueError(f"text {i} ({text!r}) has no tokens to embed")
+            rows.append([doc])
+        batch = collate(rows, pad_id=self.special.pad, num_queries=Q, image_size=d.image_size).to(self.device)
+        out = self.llm(input_ids=batch.input_ids, segment_ids=batch.segment_ids, position_ids=batch.position_ids)
+        mask = text_token_mask(batch.input_ids, batch.segment_ids, self.special)  # (n, T)
+        if not mask.any(1).all():
+            empty = int((~mask.any(1)).nonzero()[0])
+            raise ValueError(f"text {empty} ({texts[empty]!r}) has no text tokens to embed")
+        T = mask.shape[1]
+        start = mask.int().argmax(1)  # (n,) first text token
+        end = T - mask.flip(1).int().argmax(1)  # (n,) one past the last
+        hidden = out.hidden_states[self.cfg.model.llm.text_only_layers]  # (n, T, D)
+        return head.embed_texts(pool_spans(hidden, torch.arange(len(rows), device=self.device), start, end))
 
     # --- freezing and optimiser groups -----------------------------------------------------------
 
     def groups(self) -> dict[str, list[nn.Module]]:
-        """The freeze groups: vision tower, LLM, synchronizers (MMFS + resampler), decoder."""
+        """The freeze groups: vision tower, LLM, synchronizers (MMFS, resampler, contrastive head), decoder."""
         return {
             "vision": [self.vision],
             "llm": [self.llm.lm],
-            "sync": [self.resampler, self.llm.mmfs, self.decoder.mmfs_blocks],
+            "sync": [self.resampler, self.llm.mmfs, self.decoder.mmfs_blocks]
+            + ([self.contrastive] if self.contrastive is not None else []),
             "decoder": [self.decoder.unet, self.decoder.perceiver],
         }
 

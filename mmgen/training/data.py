@@ -7,6 +7,8 @@ draws different documents.
 
 Sources (``data.sources``):
 - ``shapes``: ShapeStories rendered on the fly at ``data.image_size``;
+- ``shapes_video``: ShapeStories told as text and a clip (``mmgen.data.shapes_video``), the
+  clip's key frames rendered on the fly in memory, no MP4 written;
 - ``jsonl``: a JSONL file of documents, or a folder of them (DOCUMENTS.md);
 - ``pairs``: image–caption pairs, either as two-segment documents or as compact
   ``{"image": PATH, "caption": TEXT}`` lines; each is shown in a random order (text then
@@ -22,6 +24,7 @@ from pathlib import Path
 from ..config import DataConfig, SourceConfig
 from ..data.documents import Document, DocumentError, Segment, document_from_json, iter_records, safe_id
 from ..data.shapes import make_story
+from ..data.shapes_video import make_video_story
 
 
 class DataError(ValueError):
@@ -35,6 +38,11 @@ class ShapesSource:
 
     def sample(self, rng: random.Random, name: str) -> Document:
         return make_story(rng, size=self.image_size, story_id=name)
+
+
+class ShapesVideoSource(ShapesSource):
+    def sample(self, rng: random.Random, name: str) -> Document:
+        return make_video_story(rng, size=self.image_size, story_id=name)
 
 
 def _jsonl_files(path: Path) -> list[Path]:
@@ -115,6 +123,8 @@ class PairsSource(JsonlSource):
 def build_source(cfg: SourceConfig, data: DataConfig):
     if cfg.kind == "shapes":
         return ShapesSource(cfg, data.image_size)
+    if cfg.kind == "shapes_video":
+        return ShapesVideoSource(cfg, data.image_size)
     if cfg.kind == "jsonl":
         return JsonlSource(cfg)
     return PairsSource(cfg)

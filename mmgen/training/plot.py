@@ -8,7 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-_COLOURS = {"text_loss": (40, 80, 220), "image_loss": (220, 40, 40), "loss": (60, 60, 60)}
+_COLOURS = {"text_loss": (40, 80, 220), "image_loss": (220, 40, 40), "contrastive_loss": (30, 150, 60),
+            "loss": (60, 60, 60)}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -22,13 +23,13 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_losses(metrics: list[dict], out: str | Path, *, width: int = 640, height: int = 360) -> Path:
-    """Draw text and image loss (log scale) against step; return the PNG path."""
+    """Draw text, image and (if logged) contrastive loss (log scale) against step; return the PNG path."""
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 50, width - 10, 10, height - 30
     draw.rectangle([left, top, right, bottom], outline=(180, 180, 180))
     series = {k: [(m["step"], m[k]) for m in metrics if isinstance(m.get(k), (int, float)) and m[k] > 0]
-              for k in ("text_loss", "image_loss")}
+              for k in ("text_loss", "image_loss", "contrastive_loss")}
     points = [p for s in series.values() for p in s]
     if points:
         steps = [p[0] for p in points]
@@ -51,8 +52,9 @@ def plot_losses(metrics: list[dict], out: str | Path, *, width: int = 640, heigh
                 draw.line([xy(*p) for p in s], fill=_COLOURS[name], width=2)
         draw.text((left, bottom + 8), f"step {x0}", fill=(90, 90, 90))
         draw.text((right - 80, bottom + 8), f"step {x1}", fill=(90, 90, 90))
-    for i, (name, colour) in enumerate(list(_COLOURS.items())[:2]):
-        draw.text((left + 10 + 110 * i, top + 4), name, fill=colour)
+    shown = ["text_loss", "image_loss"] + (["contrastive_loss"] if series["contrastive_loss"] else [])
+    for i, name in enumerate(shown):
+        draw.text((left + 10 + 110 * i, top + 4), name, fill=_COLOURS[name])
     out = Path(out)
     img.save(out)
     return out

@@ -176,8 +176,8 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                 sync = micro == tc.grad_accum - 1
                 with (accelerator.no_sync(model) if not sync else nullcontext()):
                     accelerator.backward(loss / tc.grad_accum)
-                for k in totals:
-                    totals[k] += float(out[k].detach()) / tc.grad_accum
+                for k, v in out.items():  # every loss the model returns (e.g. contrastive_loss) is logged
+                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
                 samples_seen += batch.input_ids.shape[0] * accelerator.num_processes
             if tc.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
