@@ -40,12 +40,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
-import shutil
-import signal
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,12 +373,9 @@ def save_align_checkpoint(run: Path, step: int, *, model: Cosmos, tokenizer, cfg
     """Write ``RUN/step-{step}`` under a temporary name, rename it into place, prune old ones."""
     from safetensors.torch import save_file
 
-    from .checkpoint import _contiguous, _fsync_tree, _remove, list_checkpoints, step_dir
+    from .checkpoint import _contiguous, atomic_checkpoint, step_dir
 
-    final = step_dir(run, step)
-    tmp = run / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_checkpoint(run, step, cfg.train.keep_last_n) as tmp:
         export_towers(model, tokenizer, cfg, tmp)
         (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         trainer = tmp / "trainer"
@@ -391,16 +384,7 @@ def save_align_checkpoint(run: Path, step: int, *, model: Cosmos, tokenizer, cfg
         torch.save(optimizer.state_dict(), trainer / "optimizer.pt")
         torch.save(scheduler.state_dict(), trainer / "scheduler.pt")
         (trainer / "state.json").write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():
-            _remove(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in list_checkpoints(run)[:-cfg.train.keep_last_n]:
-        _remove(old)
-    return final
+    return step_dir(run, step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +418,7 @@ def train_align(cfg: Config, *, resume: str | None = None, max_steps: int | None
     from ..data.tokenizer import build_tokenizer, load_tokenizer
     from .checkpoint import CheckpointError, _read, load_trainer_state, remove_partial, resolve_resume
     from .optim import warmup_cosine
-    from .trainer import TrainingError, _trim_metrics
+    from .trainer import StopOnInterrupt, TrainingError, _trim_metrics
 
     a, tc = cfg.align, cfg.train
     run = Path(a.out_dir)
@@ -471,17 +455,8 @@ def train_align(cfg: Config, *, resume: str | None = None, max_steps: int | None
     _trim_metrics(run / "metrics.jsonl", start)
 
     # 2. Ctrl-C: finish the step in flight, save, stop
-    stop = {"requested": False}
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)")
-
-    signal.signal(signal.SIGINT, on_sigint)
+    stop = StopOnInterrupt()
+    stop.install()
 
     def save(step: int) -> Path:
         state = {"stage": "align", "step": step, "seed": tc.seed, "samples_seen": samples_seen}
@@ -495,7 +470,7 @@ def train_align(cfg: Config, *, resume: str | None = None, max_steps: int | None
     bar = tqdm(total=end, initial=start, desc="align", disable=not show_progress, dynamic_ncols=True)
     model.train()
     try:
-        while step < end and not stop["requested"]:
+        while step < end and not stop.requested:
             # 3. one step: the frames and crops are a function of (seed, step)
             rng = random.Random(f"mmgen-align/{tc.seed}/{step}")
             images, sentences = draw_frames(rng, a.batch_size, cfg.data.image_size)
@@ -531,8 +506,8 @@ def train_align(cfg: Config, *, resume: str | None = None, max_steps: int | None
                 last_ckpt = save(step)
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous)
-    if stop["requested"] and (last_ckpt is None or last_ckpt.name != f"step-{step:06d}"):
+        stop.restore()
+    if stop.requested and (last_ckpt is None or last_ckpt.name != f"step-{step:06d}"):
         last_ckpt = save(step)
         print(f"saved {last_ckpt}; resume with --resume auto")
 
@@ -541,7 +516,7 @@ def train_align(cfg: Config, *, resume: str | None = None, max_steps: int | None
     if last_ckpt is not None:
         retrieval = {"checkpoint": str(last_ckpt), **evaluate_alignment(last_ckpt, a.eval_n, tc.seed)}
         (run / "retrieval.json").write_text(json.dumps(retrieval, indent=2) + "\n")
-    return AlignResult(run, step, last_ckpt, retrieval, interrupted=stop["requested"])
+    return AlignResult(run, step, last_ckpt, retrieval, interrupted=stop.requested)
 
 
 # ---------------------------------------------------------------------------------------------

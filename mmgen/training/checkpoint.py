@@ -20,7 +20,8 @@ import pickle
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,33 @@ def resolve_resume(resume: str | None, run: Path) -> Path | None:
     return path
 
 
+@contextmanager
+def atomic_checkpoint(run: Path, step: int, keep_last_n: int) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it becomes ``RUN/step-{step}`` in one rename
+    and older checkpoints are pruned to the newest ``keep_last_n``; on any error it is removed."""
+    final = step_dir(run, step)
+    tmp = run / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (e.g. Ctrl-C right after a save)
+            _remove(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(run)[:-keep_last_n]:
+        _remove(old)
+
+
 def save_checkpoint(run: Path, step: int, *, save_model: Callable[[Path], None], raw_state: dict,
                     ema_state: dict | None, optimizer, scheduler, state: dict, keep_last_n: int) -> Path:
     """Write ``RUN/step-{step}`` atomically and prune to the newest ``keep_last_n``.
 
     ``save_model(folder)`` writes the model folder (with the EMA weights when EMA is on).
     """
-    final = step_dir(run, step)
-    tmp = run / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_checkpoint(run, step, keep_last_n) as tmp:
         save_model(tmp / "model")
         trainer = tmp / "trainer"
         trainer.mkdir()
@@ -89,16 +107,7 @@ def save_checkpoint(run: Path, step: int, *, save_model: Callable[[Path], None],
         torch.save(optimizer.state_dict(), trainer / "optimizer.pt")
         torch.save(scheduler.state_dict(), trainer / "scheduler.pt")
         (trainer / "state.json").write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step (e.g. Ctrl-C right after a save)
-            _remove(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in list_checkpoints(run)[:-keep_last_n]:
-        _remove(old)
-    return final
+    return step_dir(run, step)
 
 
 def _remove(ckpt: Path) -> None:

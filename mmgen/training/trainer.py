@@ -37,6 +37,31 @@ class TrainResult:
     interrupted: bool = False
 
 
+class StopOnInterrupt:
+    """The first Ctrl-C asks a training loop to stop (and save) after the step in flight;
+    a second one restores the previous handler and quits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)")
+
+    def install(self) -> None:
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handler that ``install`` replaced (nothing if it was never installed)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _seed_everything(seed: int, step: int, micro: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step * 1_009 + micro * 17 + rank) % (2**63))
 
@@ -139,18 +164,9 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
         return path
 
     # 3. Ctrl-C: finish the step in flight, save, stop
-    stop = {"requested": False}
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)")
-
+    stop = StopOnInterrupt()
     if main:
-        signal.signal(signal.SIGINT, on_sigint)
+        stop.install()
     last_ckpt = ckpt
     metrics_file = run / "metrics.jsonl"
     bar = tqdm(total=end, initial=start, desc="train", disable=not (main and show_progress), dynamic_ncols=True)
@@ -158,7 +174,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     step = start
     t_last, samples_last = time.perf_counter(), samples_seen
     try:
-        while step < end and not stop["requested"]:
+        while step < end and not stop.requested:
             # 4. one optimiser step over grad_accum micro-batches
             totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
             for micro in range(tc.grad_accum):
@@ -206,9 +222,8 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                     last_ckpt = save(step)
     finally:
         bar.close()
-        if main:
-            signal.signal(signal.SIGINT, previous)
-    if stop["requested"]:
+        stop.restore()
+    if stop.requested:
         accelerator.wait_for_everyone()
         if main and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}")):
             last_ckpt = save(step)
@@ -216,7 +231,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     if main and metrics_file.exists():
         plot_losses(read_metrics(metrics_file), run / "loss.png")
     accelerator.wait_for_everyone()
-    return TrainResult(run, step, last_ckpt, interrupted=stop["requested"])
+    return TrainResult(run, step, last_ckpt, interrupted=stop.requested)
 
 
 def _buffers(model: torch.nn.Module) -> set[str]:
