@@ -76,7 +76,8 @@ def bare_diffusers(model, n: int, steps: int, guidance: float, sampler: str) -> 
 
     dec, dev = model.decoder, model.device
     sched = dec.make_sampler(sampler, steps, dev)
-    cond = torch.randn(2 * n, dec.cfg.context_tokens, dec.unet.config.cross_attention_dim, device=dev)
+    tokens = dec.cfg.context_tokens if dec.cfg.context_encoder == "perceiver" else 24
+    cond = torch.randn(2 * n, tokens, dec.unet.config.cross_attention_dim, device=dev)
     side = dec.cfg.image_size // dec.vae_factor
     x = randn_tensor((n, dec.latent_channels, side, side), device=dev) * sched.init_noise_sigma
     for t in sched.timesteps:
@@ -90,7 +91,7 @@ def bare_diffusers(model, n: int, steps: int, guidance: float, sampler: str) -> 
 
 @torch.no_grad()
 def ours_image_step(model, n: int, steps: int, guidance: float, sampler: str) -> None:
-    """What the generator runs for one image: perceiver, guidance, MMFS, then vision encoding."""
+    """What the generator runs for one image: context encoder, guidance, MMFS, then vision encoding."""
     dec, dev = model.decoder, model.device
     D = model.llm.lm.get_input_embeddings().embedding_dim
     context = torch.randn(n, 24, D, device=dev)

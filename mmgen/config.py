@@ -137,8 +137,13 @@ class DecoderConfig:
     attention_head_dim: int = 4
     cross_attention_dim: int = 128
     coord_channels: bool = False  # append x/y coordinate channels to the UNet input
+    # how the LLM context reaches the UNet's cross-attention: "perceiver" resamples it to
+    # context_tokens tokens; "tokens" projects every context token (masked, with its distance
+    # from the <boi>), so a word such as "red" stays a key of its own
+    context_encoder: Literal["perceiver", "tokens"] = "perceiver"
     context_tokens: int = 16  # perceiver output tokens (77 in the reference)
     perceiver_layers: int = 1
+    max_context: int = 128  # "tokens": distances from the <boi> beyond this share one embedding
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
@@ -148,7 +153,10 @@ class DecoderConfig:
 
     def validate(self) -> None:
         _positive(self, "image_size", "layers_per_block", "attention_head_dim", "cross_attention_dim",
-                  "context_tokens", "perceiver_layers", "num_train_timesteps")
+                  "context_tokens", "perceiver_layers", "num_train_timesteps", "max_context")
+        if self.context_encoder not in ("perceiver", "tokens"):
+            raise ConfigError(f"model.decoder.context_encoder must be 'perceiver' or 'tokens', "
+                              f"not {self.context_encoder!r}")
         if not self.block_out_channels:
             raise ConfigError("model.decoder.block_out_channels must not be empty")
         if not 0.0 <= self.cfg_dropout < 1.0:
@@ -182,13 +190,13 @@ class ModelConfig:
 class SourceConfig:
     """One training source; several are mixed with their weights."""
 
-    kind: Literal["shapes", "shapes_video", "jsonl", "pairs"] = "shapes"
+    kind: Literal["shapes", "shapes_pairs", "shapes_video", "jsonl", "pairs"] = "shapes"
     path: str | None = None  # a JSONL file or a folder of them (jsonl, pairs)
     weight: float = 1.0
-    seed: int = 0  # shapes, shapes_video: the stream's seed
+    seed: int = 0  # shapes, shapes_pairs, shapes_video: the stream's seed
 
     def validate(self) -> None:
-        if self.kind not in ("shapes", "shapes_video") and not self.path:
+        if self.kind not in ("shapes", "shapes_pairs", "shapes_video") and not self.path:
             raise ConfigError(f"data.sources: a `{self.kind}` source needs a `path`")
         if self.weight <= 0:
             raise ConfigError("data.sources: `weight` must be positive")

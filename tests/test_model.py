@@ -55,7 +55,7 @@ def test_forward_backward_batch_8(tiny):
     params = dict(model.named_parameters())
     for name in ("vision.tower.embeddings.patch_embedding.weight", "resampler.queries",
                  "llm.lm.model.layers.0.self_attn.q_proj.weight", "llm.mmfs.1.gate",
-                 "decoder.unet.conv_in.weight", "decoder.perceiver.perceiver.queries",
+                 "decoder.unet.conv_in.weight", "decoder.context_encoder.proj.1.weight",
                  "decoder.mmfs_blocks.0.zero_conv.weight"):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
 
@@ -142,7 +142,7 @@ def test_freeze_groups(tiny):
         model.set_trainable(vision=True, llm=True, sync=False, decoder=True)
         assert not any(p.requires_grad for p in model.llm.mmfs.parameters())
         assert all(p.requires_grad for p in model.decoder.unet.parameters())
-        assert all(p.requires_grad for p in model.decoder.perceiver.parameters())
+        assert all(p.requires_grad for p in model.decoder.context_encoder.parameters())
     finally:
         model.set_trainable()
     assert all(p.requires_grad for name, p in model.named_parameters())  # the tiny config trains all

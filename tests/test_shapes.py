@@ -207,6 +207,27 @@ def test_stories_obey_the_rules():
     assert {c for _, _, cs in stats for c in cs} == set(S.CHANGES)
 
 
+def test_pairs_are_independent_described_frames():
+    """shapes_pairs: each image follows (or precedes) its own introduction sentence."""
+    rng = random.Random(11)
+    docs = [S.make_pairs(rng, size=32, doc_id=f"p{i}") for i in range(200)]
+    orders = [d.meta["shapes"]["order"] for d in docs]
+    assert 120 < orders.count("text-image") < 180  # sentence first with probability 0.75
+    assert {len(d.segments) // 2 for d in docs} == {2, 3, 4}
+    for d, order in zip(docs, orders):
+        frames = d.meta["shapes"]["frames"]
+        for k, f in enumerate(frames):
+            first, second = d.segments[2 * k], d.segments[2 * k + 1]
+            text, image = (first, second) if order == "text-image" else (second, first)
+            assert text.type == "text" and image.type == "image"
+            parsed = S.parse_sentence(text.text)
+            assert parsed["kind"] == "intro" and f["change"] is None
+            assert S.read_image(image.image) == {"found": True, **{a: f[a] for a in
+                                                  ("shape", "colour", "size", "position", "background")}}
+    backgrounds = {f["background"] for d in docs for f in d.meta["shapes"]["frames"]}
+    assert len(backgrounds) == 4  # nothing carries over: each frame draws its own
+
+
 def test_stream_is_deterministic_and_ids_count():
     a = [d.to_json() for d in itertools.islice(S.stream_stories(3, 32), 20)]
     b = [d.to_json() for d in itertools.islice(S.stream_stories(3, 32), 20)]
@@ -291,3 +312,13 @@ def test_eval_stream_differs_from_training():
     train = next(S.stream_stories(0, 32)).meta["shapes"]["frames"][0]
     evals = [S.eval_prompts(t, 1, 0, 32)[0].meta["shapes"]["frames"][0] for t in S.TASKS]
     assert sum(e == train for e in evals) < len(evals)
+
+
+def test_shapes_pairs_training_source():
+    from mmgen.config import DataConfig, SourceConfig
+    from mmgen.training.data import build_source
+
+    src = build_source(SourceConfig(kind="shapes_pairs"), DataConfig(image_size=32))
+    doc = src.sample(random.Random(0), "train-0")
+    assert doc.id == "train-0" and doc.meta["shapes"]["pairs"] is True
+    assert all(S.parse_sentence(s.text)["kind"] == "intro" for s in doc.segments if s.type == "text")

@@ -101,16 +101,19 @@ def test_decoder_sizes(cfg):
     assert not any(k.startswith("unet.") and "mmfs" in k for k in dec.state_dict())
 
 
-def test_loss_and_gradients(cfg):
-    dec = make_decoder(cfg).train()
+@pytest.mark.parametrize("encoder,names", [
+    ("perceiver", ("context_encoder.perceiver.queries", "context_encoder.null_context")),
+    ("tokens", ("context_encoder.proj.1.weight", "context_encoder.distance.weight",
+                "context_encoder.null_context"))])
+def test_loss_and_gradients(cfg, encoder, names):
+    dec = make_decoder(cfg, context_encoder=encoder).train()
     x0, context, mask, feats, visible = inputs()
     uncond = torch.tensor([False, True, False])
     loss = dec.loss(x0, context, mask, feats, visible, uncond=uncond)
     assert loss.shape == (3,) and torch.isfinite(loss).all()
     loss.mean().backward()
     grads = dict(dec.named_parameters())
-    for name in ("unet.conv_in.weight", "perceiver.perceiver.queries", "perceiver.null_context",
-                 "mmfs_blocks.0.zero_conv.weight", "mmfs_blocks.1.zero_conv.weight"):
+    for name in ("unet.conv_in.weight", *names, "mmfs_blocks.0.zero_conv.weight", "mmfs_blocks.1.zero_conv.weight"):
         assert grads[name].grad is not None and grads[name].grad.abs().sum() > 0, name
     # through an opened zero conv, the gradient reaches MMFS itself
     dec.zero_grad()
@@ -129,15 +132,45 @@ def test_loss_epsilon_and_no_snr(cfg):
     assert torch.isfinite(dec.loss(x0, None, None)).all()  # no context at all: the null context
 
 
+def test_token_context_masks_padding_and_reads_each_token(cfg):
+    """Per-token context: padding never matters; one changed word changes the prediction."""
+    dec = make_decoder(cfg, context_encoder="tokens").eval()
+    x0, context, mask, _, _ = inputs()
+    t = torch.tensor([10, 500, 990])
+    padded = context.clone()
+    padded[0, 4:] = 1e3  # row 0's padding
+    word = context.clone()
+    word[:, 2] = torch.randn(3, LLM_DIM, generator=torch.Generator().manual_seed(5))  # one real token per row
+    with torch.no_grad():
+        ref = dec.denoise(x0, t, *dec.context_encoder(context, mask))
+        assert torch.allclose(dec.denoise(x0, t, *dec.context_encoder(padded, mask)), ref, atol=1e-5)
+        changed = (dec.denoise(x0, t, *dec.context_encoder(word, mask)) - ref).flatten(1).abs().amax(1)
+    assert (changed > 1e-4).all()
+    # dropped rows become the null context: one learned token, the rest masked
+    cond, cmask = dec.context_encoder(context, mask, drop=torch.tensor([True, False, False]))
+    null, null_mask = dec.context_encoder.null(1, context.shape[1])
+    assert torch.equal(cond[0], null[0]) and torch.equal(cmask[0], null_mask[0])
+    assert cmask[0].sum() == 1 and torch.equal(cmask[1:], mask[1:])
+
+
+def test_old_perceiver_checkpoints_still_load(cfg):
+    """Weights saved when the context encoder was called ``perceiver`` load into ``context_encoder``."""
+    dec = make_decoder(cfg, context_encoder="perceiver")
+    state = {k.replace("context_encoder.", "perceiver."): v.clone() + 1 for k, v in dec.state_dict().items()}
+    fresh = make_decoder(cfg, context_encoder="perceiver")
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.context_encoder.null_context, dec.context_encoder.null_context + 1)
+
+
 def test_zero_init_leaves_unet_unchanged(cfg):
     dec = make_decoder(cfg).eval()
     x0, context, mask, feats, visible = inputs()
     t = torch.tensor([10, 500, 990])
-    cond = dec.perceiver(context, mask)
+    cond, cmask = dec.context_encoder(context, mask)
     with torch.no_grad():
-        plain = dec.denoise(x0, t, cond)
+        plain = dec.denoise(x0, t, cond, cmask)
         with dec.image_context(feats, visible):
-            synced = dec.denoise(x0, t, cond)
+            synced = dec.denoise(x0, t, cond, cmask)
     assert torch.equal(plain, synced)
 
     # opened zero convs: the previous image's features now change the output ...
@@ -147,10 +180,10 @@ def test_zero_init_leaves_unet_unchanged(cfg):
         f[:, 0] += 1.0  # change the previous image in slot 0
     with torch.no_grad():
         with dec.image_context(feats, visible):
-            a = dec.denoise(x0, t, cond)
+            a = dec.denoise(x0, t, cond, cmask)
         with dec.image_context(feats2, visible):
-            b = dec.denoise(x0, t, cond)
-        after = dec.denoise(x0, t, cond)  # ... only inside the context
+            b = dec.denoise(x0, t, cond, cmask)
+        after = dec.denoise(x0, t, cond, cmask)  # ... only inside the context
     changed = (a - b).flatten(1).abs().amax(1)
     assert changed[0] > 0 and changed[1] > 0
     assert changed[2] == 0  # the last row sees no previous image
@@ -164,13 +197,13 @@ def test_deepcopy_keeps_hooks_on_the_copy(cfg):
     open_zero_convs(ema)
     x0, context, mask, feats, visible = inputs()
     t = torch.tensor([10, 500, 990])
-    cond = dec.perceiver(context, mask)
+    cond, cmask = dec.context_encoder(context, mask)
     with torch.no_grad():
-        ref = dec.denoise(x0, t, cond)
+        ref = dec.denoise(x0, t, cond, cmask)
         with dec.image_context(feats, visible):
-            assert torch.equal(dec.denoise(x0, t, cond), ref)
+            assert torch.equal(dec.denoise(x0, t, cond, cmask), ref)
         with ema.image_context(feats, visible):
-            assert not torch.equal(ema.denoise(x0, t, cond), ref)
+            assert not torch.equal(ema.denoise(x0, t, cond, cmask), ref)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -350,6 +350,26 @@ def make_story(rng: random.Random, *, size: int = 64, story_id: str) -> Document
     return Document(story_id, segments, meta={"shapes": _truth(frames, changes, size, order=order)})
 
 
+def make_pairs(rng: random.Random, *, size: int = 64, doc_id: str, text_first: float = 0.75) -> Document:
+    """2-4 independent frames, each with its introduction sentence: a document of caption pairs.
+
+    Not a story (nothing carries over from one pair to the next); a training source that gives
+    the decoder many images whose sentence describes them fully, and examples of independent
+    pairs in one context (few-shot captioning). The order, sentence then image (drawing) with
+    probability ``text_first`` or image then sentence (captioning), is drawn per document.
+    """
+    _check_size(size)
+    n = rng.randint(2, 4)
+    order = "text-image" if rng.random() < text_first else "image-text"
+    frames = [random_frame(rng) for _ in range(n)]
+    segments: list[Segment] = []
+    for frame in frames:
+        text = Segment("text", text=intro_sentence(frame))
+        image = Segment("image", image=render_frame(frame, size))
+        segments += [text, image] if order == "text-image" else [image, text]
+    return Document(doc_id, segments, meta={"shapes": _truth(frames, [None] * n, size, order=order, pairs=True)})
+
+
 def stream_stories(seed: int, size: int = 64, *, prefix: str = "story") -> Iterator[Document]:
     """An endless, deterministic stream of stories with ids ``{prefix}-{i:06d}``."""
     rng = random.Random(seed)

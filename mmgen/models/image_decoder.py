@@ -5,7 +5,9 @@ tokens, X cross-attention width, M previous-image slots, L vision levels, C UNet
 S image side, s latent side (S in pixel space).
 
 DESIGN.md §6: the LLM hidden states of an image's context (document start … its ``<boi>``)
-go through a small perceiver to K tokens for the UNet's cross-attention; a learned null
+reach the UNet's cross-attention through a context encoder — a small perceiver to K tokens
+(the reference) or a per-token projection with a padding mask (``context_encoder: tokens``,
+which the tiny model needs to read single words); a learned null
 context replaces them with probability ``cfg_dropout`` in training and is the unconditional
 branch of classifier-free guidance. At chosen down blocks the UNet feature map reads the
 multi-scale vision features of the previous images through MMFS, added through a
@@ -86,7 +88,10 @@ def _heads(width: int) -> int:
 
 
 class ContextPerceiver(nn.Module):
-    """LLM context (N, T, llm_dim) + mask (N, T) → UNet context (N, K, X); learned null context."""
+    """LLM context (N, T, llm_dim) + mask (N, T) → UNet context (N, K, X); learned null context.
+
+    Every context encoder returns ``(context, mask)``; the perceiver's mask is None (all K kept).
+    """
 
     def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
         super().__init__()
@@ -94,16 +99,67 @@ class ContextPerceiver(nn.Module):
                                    num_layers=cfg.perceiver_layers, num_heads=_heads(cross_dim))
         self.null_context = nn.Parameter(torch.randn(cfg.context_tokens, cross_dim) * 0.02)  # (K, X)
 
-    def null(self, n: int) -> torch.Tensor:
-        return self.null_context.unsqueeze(0).expand(n, -1, -1)  # (n, K, X)
+    def null(self, n: int, length: int | None = None) -> tuple[torch.Tensor, None]:
+        return self.null_context.unsqueeze(0).expand(n, -1, -1), None  # (n, K, X)
 
     def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
+                drop: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         """``drop`` (N,) bool marks the rows replaced by the null context."""
         out = self.perceiver(context, mask)  # (N, K, X)
         if drop is not None:
-            out = torch.where(drop[:, None, None], self.null(out.shape[0]).to(out.dtype), out)
-        return out
+            out = torch.where(drop[:, None, None], self.null(out.shape[0])[0].to(out.dtype), out)
+        return out, None
+
+
+class ContextTokens(nn.Module):
+    """LLM context (N, T, llm_dim) + mask (N, T) → UNet context (N, T, X) + mask, token by token.
+
+    Each hidden state is normalised and projected by a small MLP, plus an embedding of its
+    distance from the ``<boi>`` (the latest sentence is the one an image illustrates), and
+    normalised again: unit-scale keys and values, as a text encoder hands a UNet (a context
+    of small magnitude barely moves cross-attention). The UNet masks the padding. The null
+    context is one learned token.
+    """
+
+    def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(llm_dim), nn.Linear(llm_dim, cross_dim), nn.GELU(),
+                                  nn.Linear(cross_dim, cross_dim))
+        self.distance = nn.Embedding(cfg.max_context, cross_dim)
+        nn.init.normal_(self.distance.weight, std=0.02)
+        self.norm_out = nn.LayerNorm(cross_dim)  # unit-scale keys and values, as a text encoder gives
+        self.null_context = nn.Parameter(torch.randn(1, cross_dim))  # (1, X), on the same scale
+
+    def null(self, n: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The null token padded to ``length`` (default 1): (n, L, X), mask (n, L) keeping token 0."""
+        length = length or 1
+        tok = self.null_context
+        out = torch.cat([tok, tok.new_zeros(length - 1, tok.shape[1])]).unsqueeze(0).expand(n, -1, -1)
+        mask = torch.zeros(n, length, dtype=torch.bool, device=tok.device)
+        mask[:, 0] = True
+        return out, mask
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``drop`` (N,) bool marks the rows replaced by the null context."""
+        N, T, _ = context.shape
+        if mask is None:
+            mask = torch.ones(N, T, dtype=torch.bool, device=context.device)
+        mask = mask.bool()
+        length = mask.sum(1, keepdim=True)  # (N, 1): contexts are left-aligned
+        dist = (length - 1 - torch.arange(T, device=context.device)).clamp(0, self.distance.num_embeddings - 1)
+        out = self.norm_out(self.proj(context) + self.distance(dist).to(context.dtype))  # (N, T, X)
+        out = out * mask[..., None]
+        if drop is not None:
+            null, null_mask = self.null(N, T)
+            out = torch.where(drop[:, None, None], null.to(out.dtype), out)
+            mask = torch.where(drop[:, None], null_mask, mask)
+        return out, mask
+
+
+def make_context_encoder(cfg: DecoderConfig, llm_dim: int, cross_dim: int) -> nn.Module:
+    cls = ContextTokens if cfg.context_encoder == "tokens" else ContextPerceiver
+    return cls(cfg, llm_dim, cross_dim)
 
 
 class UNetMMFS(nn.Module):
@@ -140,8 +196,15 @@ class UNetMMFS(nn.Module):
         return hidden, residuals[:-1] + (hidden,)
 
 
+def _rename_perceiver_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints from before ``context_encoder`` named the perceiver ``perceiver``."""
+    old = prefix + "perceiver."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "context_encoder." + key[len(old):]] = state_dict.pop(key)
+
+
 class ImageDecoder(nn.Module):
-    """UNet (+ VAE) + scheduler + context perceiver + MMFS blocks; ``loss`` and ``sample``."""
+    """UNet (+ VAE) + scheduler + context encoder + MMFS blocks; ``loss`` and ``sample``."""
 
     def __init__(self, cfg: DecoderConfig, mmfs_cfg: MMFSConfig, *, llm_dim: int, vision_dim: int,
                  num_levels: int):
@@ -169,7 +232,8 @@ class ImageDecoder(nn.Module):
                                            timestep_spacing="trailing")
         uc = self.unet.config
         self.cross_dim = uc.cross_attention_dim
-        self.perceiver = ContextPerceiver(cfg, llm_dim, self.cross_dim)
+        self.context_encoder = make_context_encoder(cfg, llm_dim, self.cross_dim)
+        self._register_load_state_dict_pre_hook(_rename_perceiver_keys)
         self.mmfs_blocks = nn.ModuleDict()
         if mmfs_cfg.unet:
             for level in mmfs_cfg.unet_levels:
@@ -222,11 +286,14 @@ class ImageDecoder(nn.Module):
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)  # (2, s, s)
         return torch.cat([x, grid.unsqueeze(0).expand(N, -1, -1, -1)], dim=1)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """One UNet call: x (N, c, s, s), t (N,) or scalar, context (N, K, X) → prediction (N, c, s, s)."""
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet call: x (N, c, s, s), t (N,) or scalar, context (N, K, X) [+ mask (N, K)]
+        → prediction (N, c, s, s)."""
         if self.cfg.coord_channels:
             x = self._coords(x)
-        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype),
+                         encoder_attention_mask=context_mask).sample
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, S, S) in [-1, 1] → diffusion space (N, c, s, s)."""
@@ -274,12 +341,12 @@ class ImageDecoder(nn.Module):
             uncond = torch.rand(N, generator=generator, device="cpu" if generator is None
                                 else generator.device).to(device) < p
         if context is None:
-            cond = self.perceiver.null(N)
+            cond, cond_mask = self.context_encoder.null(N)
         else:
-            cond = self.perceiver(context, context_mask, drop=uncond.to(device))  # (N, K, X)
+            cond, cond_mask = self.context_encoder(context, context_mask, drop=uncond.to(device))  # (N, K, X)
 
         with self.image_context(prev_features, prev_visible):
-            pred = self.denoise(zt, t, cond)  # (N, c, s, s)
+            pred = self.denoise(zt, t, cond, cond_mask)  # (N, c, s, s)
         mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
         if self.cfg.snr_gamma is None:
             return mse
@@ -305,10 +372,13 @@ class ImageDecoder(nn.Module):
         N = context.shape[0] if context is not None else num_images
         if N is None:
             raise ValueError("sample() without context needs num_images")
-        cond = self.perceiver(context, context_mask) if context is not None else self.perceiver.null(N)
+        enc = self.context_encoder
+        cond, cond_mask = enc(context, context_mask) if context is not None else enc.null(N)
         do_cfg = context is not None and guidance != 1.0
         if do_cfg:
-            cond = torch.cat([self.perceiver.null(N).to(cond.dtype), cond])  # (2N, K, X)
+            null, null_mask = enc.null(N, cond.shape[1])
+            cond = torch.cat([null.to(cond.dtype), cond])  # (2N, K, X)
+            cond_mask = None if cond_mask is None else torch.cat([null_mask, cond_mask])  # (2N, K)
             if prev_features is not None and prev_visible is not None:
                 prev_features = [torch.cat([f, f]) for f in prev_features]
                 prev_visible = torch.cat([prev_visible, prev_visible])
@@ -326,7 +396,7 @@ class ImageDecoder(nn.Module):
             for t in tqdm(sched.timesteps, desc="denoise", disable=not progress, leave=False):
                 inp = torch.cat([latents, latents]) if do_cfg else latents
                 inp = sched.scale_model_input(inp, t)
-                pred = self.denoise(inp, t, cond)
+                pred = self.denoise(inp, t, cond, cond_mask)
                 if do_cfg:
                     uncond_pred, cond_pred = pred.chunk(2)
                     pred = uncond_pred + guidance * (cond_pred - uncond_pred)

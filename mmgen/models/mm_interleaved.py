@@ -259,7 +259,7 @@ class MMInterleaved(nn.Module):
             "llm": [self.llm.lm],
             "sync": [self.resampler, self.llm.mmfs, self.decoder.mmfs_blocks]
             + ([self.contrastive] if self.contrastive is not None else []),
-            "decoder": [self.decoder.unet, self.decoder.perceiver],
+            "decoder": [self.decoder.unet, self.decoder.context_encoder],
         }
 
     def set_trainable(self, *, vision: bool | None = None, llm: bool | None = None, sync: bool | None = None,

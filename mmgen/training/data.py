@@ -7,6 +7,8 @@ draws different documents.
 
 Sources (``data.sources``):
 - ``shapes``: ShapeStories rendered on the fly at ``data.image_size``;
+- ``shapes_pairs``: independent ShapeStories frames with their introduction sentences,
+  2-4 per document, sentence first with probability 0.75 (``mmgen.data.shapes.make_pairs``);
 - ``shapes_video``: ShapeStories told as text and a clip (``mmgen.data.shapes_video``), the
   clip's key frames rendered on the fly in memory, no MP4 written;
 - ``jsonl``: a JSONL file of documents, or a folder of them (DOCUMENTS.md);
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from ..config import DataConfig, SourceConfig
 from ..data.documents import Document, DocumentError, Segment, document_from_json, iter_records, safe_id
-from ..data.shapes import make_story
+from ..data.shapes import make_pairs, make_story
 from ..data.shapes_video import make_video_story
 
 
@@ -38,6 +40,11 @@ class ShapesSource:
 
     def sample(self, rng: random.Random, name: str) -> Document:
         return make_story(rng, size=self.image_size, story_id=name)
+
+
+class ShapesPairsSource(ShapesSource):
+    def sample(self, rng: random.Random, name: str) -> Document:
+        return make_pairs(rng, size=self.image_size, doc_id=name)
 
 
 class ShapesVideoSource(ShapesSource):
@@ -125,6 +132,8 @@ def build_source(cfg: SourceConfig, data: DataConfig):
         return ShapesSource(cfg, data.image_size)
     if cfg.kind == "shapes_video":
         return ShapesVideoSource(cfg, data.image_size)
+    if cfg.kind == "shapes_pairs":
+        return ShapesPairsSource(cfg, data.image_size)
     if cfg.kind == "jsonl":
         return JsonlSource(cfg)
     return PairsSource(cfg)
