@@ -190,6 +190,30 @@ def test_zero_init_leaves_unet_unchanged(cfg):
     assert torch.equal(after, plain)
 
 
+def test_guidance_pairs_read_context_free_levels_once(cfg):
+    """Level 0 (no cross-attention below it) reads the previous images once for both guidance
+    halves; the result equals reading them for each half."""
+    dec = make_decoder(cfg).eval()
+    open_zero_convs(dec)
+    assert dec.mmfs_blocks["0"].context_free and not dec.mmfs_blocks["1"].context_free
+    x0, context, mask, feats, visible = inputs()
+    t = torch.tensor(500)
+    cond, cmask = dec.context_encoder(context, mask)
+    null, null_mask = dec.context_encoder.null(3, cond.shape[1])
+    both, both_mask = torch.cat([null, cond]), torch.cat([null_mask, cmask])
+    feats2, visible2 = [torch.cat([f, f]) for f in feats], torch.cat([visible, visible])
+    calls = []
+    handle = dec.mmfs_blocks["0"].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    with torch.no_grad():
+        with dec.image_context(feats2, visible2):
+            ref = dec.denoise(torch.cat([x0, x0]), t, both, both_mask)
+        with dec.image_context(feats2, visible2, guidance_pairs=True):
+            shared = dec.denoise(torch.cat([x0, x0]), t, both, both_mask)
+    handle.remove()
+    assert calls == [6, 3]
+    assert torch.allclose(shared, ref, atol=1e-5)
+
+
 def test_deepcopy_keeps_hooks_on_the_copy(cfg):
     """EMA copies the decoder: the copy's hooks must use the copy's MMFS blocks."""
     dec = make_decoder(cfg).eval()

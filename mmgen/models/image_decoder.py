@@ -165,8 +165,12 @@ def make_context_encoder(cfg: DecoderConfig, llm_dim: int, cross_dim: int) -> nn
 class UNetMMFS(nn.Module):
     """One UNet level reading previous images: feature map (N, C, h, w) → delta (N, C, h, w)."""
 
-    def __init__(self, channels: int, vision_dim: int, mmfs_cfg: MMFSConfig, num_levels: int):
+    def __init__(self, channels: int, vision_dim: int, mmfs_cfg: MMFSConfig, num_levels: int,
+                 context_free: bool = False):
         super().__init__()
+        # no cross-attention at or below this level: its feature map does not depend on the text
+        # context, so the two halves of a guidance batch ([null; cond], same latents) are equal
+        self.context_free = context_free
         self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
         self.mmfs = MMFS(channels, vision_dim, hidden_size=mmfs_cfg.hidden_size,
                          num_heads=mmfs_cfg.num_heads, num_points=mmfs_cfg.num_points,
@@ -174,7 +178,7 @@ class UNetMMFS(nn.Module):
         self.zero_conv = nn.Conv2d(channels, channels, kernel_size=1)
         nn.init.zeros_(self.zero_conv.weight)
         nn.init.zeros_(self.zero_conv.bias)
-        self.state: tuple | None = None  # (values, visible (N, M)) inside ImageDecoder.image_context
+        self.state: tuple | None = None  # (values, visible (N, M), guidance_pairs) inside image_context
 
     def forward(self, h: torch.Tensor, values, visible: torch.Tensor) -> torch.Tensor:
         N, C, H, W = h.shape
@@ -192,7 +196,14 @@ class UNetMMFS(nn.Module):
         if self.state is None:
             return None
         hidden, residuals = output  # (N, C, h, w), tuple of skip tensors (the last is `hidden`)
-        hidden = hidden + self(hidden, *self.state)
+        values, visible, guidance_pairs = self.state
+        if guidance_pairs and self.context_free:  # read once for both guidance halves
+            n = hidden.shape[0] // 2
+            delta = self(hidden[:n], [v[:v.shape[0] // 2] for v in values], visible[:n])
+            delta = torch.cat([delta, delta])
+        else:
+            delta = self(hidden, values, visible)
+        hidden = hidden + delta
         return hidden, residuals[:-1] + (hidden,)
 
 
@@ -240,7 +251,9 @@ class ImageDecoder(nn.Module):
                 if not 0 <= level < len(self.unet.down_blocks):
                     raise ValueError(f"model.mmfs.unet_levels: level {level} does not exist in a UNet "
                                      f"with {len(self.unet.down_blocks)} down blocks")
-                block = UNetMMFS(uc.block_out_channels[level], vision_dim, mmfs_cfg, num_levels)
+                context_free = not any(getattr(b, "has_cross_attention", False)
+                                       for b in self.unet.down_blocks[:level + 1])
+                block = UNetMMFS(uc.block_out_channels[level], vision_dim, mmfs_cfg, num_levels, context_free)
                 self.mmfs_blocks[str(level)] = block
                 self.unet.down_blocks[level].register_forward_hook(block.hook)
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
@@ -261,17 +274,21 @@ class ImageDecoder(nn.Module):
         return make_sampler(name, steps, self.scheduler.config, device)
 
     @contextmanager
-    def image_context(self, prev_features: list[torch.Tensor] | None, prev_visible: torch.Tensor | None):
+    def image_context(self, prev_features: list[torch.Tensor] | None, prev_visible: torch.Tensor | None,
+                      *, guidance_pairs: bool = False):
         """Let the MMFS hooks read previous images for the duration of a call.
 
-        Args: prev_features [(N, M, C_v, H_l, W_l)] per level; prev_visible (N, M) bool.
+        Args: prev_features [(N, M, C_v, H_l, W_l)] per level; prev_visible (N, M) bool;
+        ``guidance_pairs``: the batch is [null; cond] over the same latents and the same
+        previous images (classifier-free guidance), so levels below the first cross-attention
+        read the previous images once for both halves.
         Without features (or with none visible) the hooks do nothing.
         """
         active = (prev_features is not None and prev_visible is not None and len(self.mmfs_blocks) > 0
                   and prev_visible.shape[-1] > 0 and bool(prev_visible.any()))
         if active:
             for block in self.mmfs_blocks.values():
-                block.state = (block.mmfs.prepare_values(prev_features), prev_visible.bool())
+                block.state = (block.mmfs.prepare_values(prev_features), prev_visible.bool(), guidance_pairs)
         try:
             yield
         finally:
@@ -392,7 +409,7 @@ class ImageDecoder(nn.Module):
                                device=device, dtype=dtype) * sched.init_noise_sigma
 
         # 4. denoise, with classifier-free guidance on a batch of [uncond; cond]
-        with self.image_context(prev_features, prev_visible):
+        with self.image_context(prev_features, prev_visible, guidance_pairs=do_cfg):
             for t in tqdm(sched.timesteps, desc="denoise", disable=not progress, leave=False):
                 inp = torch.cat([latents, latents]) if do_cfg else latents
                 inp = sched.scale_model_input(inp, t)
