@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -107,8 +108,11 @@ def test_prompt_seed_in_meta_wins(model):
                                 meta={"seed": s})
     a, b, c = generate([prompt(1), prompt(1), prompt(2)], model=model, **FAST)
     assert a.meta["seed"] == 1 and c.meta["seed"] == 2
-    img = lambda d: d.segments[-1].image.tobytes()  # noqa: E731
-    assert img(a) == img(b) != img(c)
+    # the seed decides the image; a and b sit in different rows of one batch, where BLAS may
+    # round a row differently (remainder blocks), so allow 1 of 255 per pixel between them
+    img = lambda d: np.asarray(d.segments[-1].image, dtype=np.int16)  # noqa: E731
+    assert np.abs(img(a) - img(b)).max() <= 1
+    assert np.abs(img(a) - img(c)).mean() > 10
 
 
 def test_free_continuation_respects_limits(model):
