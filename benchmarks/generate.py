@@ -30,6 +30,9 @@ from mmgen.generation.api import BUNDLED_CHECKPOINT, load_model  # noqa: E402
 from mmgen.generation.generator import Generator, settings_from  # noqa: E402
 
 
+CONTEXT_LEN = 24  # LLM context tokens of the image step (about one story frame and a sentence)
+
+
 def sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -76,7 +79,7 @@ def bare_diffusers(model, n: int, steps: int, guidance: float, sampler: str) -> 
 
     dec, dev = model.decoder, model.device
     sched = dec.make_sampler(sampler, steps, dev)
-    tokens = dec.cfg.context_tokens if dec.cfg.context_encoder == "perceiver" else 24
+    tokens = dec.cfg.context_tokens if dec.cfg.context_encoder == "perceiver" else CONTEXT_LEN
     cond = torch.randn(2 * n, tokens, dec.unet.config.cross_attention_dim, device=dev)
     side = dec.cfg.image_size // dec.vae_factor
     x = randn_tensor((n, dec.latent_channels, side, side), device=dev) * sched.init_noise_sigma
@@ -97,8 +100,8 @@ def ours_image_step(model, n: int, steps: int, guidance: float, sampler: str):
     here, outside the returned (timed) function."""
     dec, dev = model.decoder, model.device
     D = model.llm.lm.get_input_embeddings().embedding_dim
-    context = torch.randn(n, 24, D, device=dev)
-    mask = torch.ones(n, 24, dtype=torch.bool, device=dev)
+    context = torch.randn(n, CONTEXT_LEN, D, device=dev)
+    mask = torch.ones(n, CONTEXT_LEN, dtype=torch.bool, device=dev)
     prev = torch.zeros(n, 3, model.cfg.data.image_size, model.cfg.data.image_size, device=dev)
     _, maps = model.encode_images(prev)
     features = [m[:, None] for m in maps]  # one earlier image per document

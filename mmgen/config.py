@@ -154,9 +154,6 @@ class DecoderConfig:
     def validate(self) -> None:
         _positive(self, "image_size", "layers_per_block", "attention_head_dim", "cross_attention_dim",
                   "context_tokens", "perceiver_layers", "num_train_timesteps", "max_context")
-        if self.context_encoder not in ("perceiver", "tokens"):
-            raise ConfigError(f"model.decoder.context_encoder must be 'perceiver' or 'tokens', "
-                              f"not {self.context_encoder!r}")
         if not self.block_out_channels:
             raise ConfigError("model.decoder.block_out_channels must not be empty")
         if not 0.0 <= self.cfg_dropout < 1.0:

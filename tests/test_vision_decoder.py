@@ -207,7 +207,7 @@ def test_guidance_pairs_read_context_free_levels_once(cfg):
     with torch.no_grad():
         with dec.image_context(feats2, visible2):
             ref = dec.denoise(torch.cat([x0, x0]), t, both, both_mask)
-        with dec.image_context(feats2, visible2, guidance_pairs=True):
+        with dec.image_context(feats, visible, guidance_pairs=True):  # one row per image
             shared = dec.denoise(torch.cat([x0, x0]), t, both, both_mask)
     handle.remove()
     assert calls == [6, 3]

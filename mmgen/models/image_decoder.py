@@ -197,10 +197,8 @@ class UNetMMFS(nn.Module):
             return None
         hidden, residuals = output  # (N, C, h, w), tuple of skip tensors (the last is `hidden`)
         values, visible, guidance_pairs = self.state
-        if guidance_pairs and self.context_free:  # read once for both guidance halves
-            n = hidden.shape[0] // 2
-            delta = self(hidden[:n], [v[:v.shape[0] // 2] for v in values], visible[:n])
-            delta = torch.cat([delta, delta])
+        if guidance_pairs and self.context_free:  # both guidance halves hold the same map: read once
+            delta = self(hidden[:hidden.shape[0] // 2], values, visible).repeat(2, 1, 1, 1)
         else:
             delta = self(hidden, values, visible)
         hidden = hidden + delta
@@ -279,16 +277,19 @@ class ImageDecoder(nn.Module):
         """Let the MMFS hooks read previous images for the duration of a call.
 
         Args: prev_features [(N, M, C_v, H_l, W_l)] per level; prev_visible (N, M) bool;
-        ``guidance_pairs``: the batch is [null; cond] over the same latents and the same
-        previous images (classifier-free guidance), so levels below the first cross-attention
-        read the previous images once for both halves.
+        ``guidance_pairs``: the UNet batch is [null; cond] over the same latents (classifier-free
+        guidance), twice the N rows given here; levels below the first cross-attention read the
+        previous images once for both halves, the others repeat them.
         Without features (or with none visible) the hooks do nothing.
         """
         active = (prev_features is not None and prev_visible is not None and len(self.mmfs_blocks) > 0
                   and prev_visible.shape[-1] > 0 and bool(prev_visible.any()))
         if active:
             for block in self.mmfs_blocks.values():
-                block.state = (block.mmfs.prepare_values(prev_features), prev_visible.bool(), guidance_pairs)
+                values, visible = block.mmfs.prepare_values(prev_features), prev_visible.bool()
+                if guidance_pairs and not block.context_free:  # this level sees both halves
+                    values, visible = [v.repeat(2, 1, 1, 1) for v in values], visible.repeat(2, 1)
+                block.state = (values, visible, guidance_pairs)
         try:
             yield
         finally:
@@ -396,9 +397,6 @@ class ImageDecoder(nn.Module):
             null, null_mask = enc.null(N, cond.shape[1])
             cond = torch.cat([null.to(cond.dtype), cond])  # (2N, K, X)
             cond_mask = None if cond_mask is None else torch.cat([null_mask, cond_mask])  # (2N, K)
-            if prev_features is not None and prev_visible is not None:
-                prev_features = [torch.cat([f, f]) for f in prev_features]
-                prev_visible = torch.cat([prev_visible, prev_visible])
 
         # 2. prepare the timesteps
         sched = self.make_sampler(sampler, steps, device)
