@@ -144,6 +144,9 @@ class DecoderConfig:
     context_tokens: int = 16  # perceiver output tokens (77 in the reference)
     perceiver_layers: int = 1
     max_context: int = 128  # "tokens": distances from the <boi> beyond this share one embedding
+    # the pooled context (the <boi>'s token; the perceiver's mean) is also added to the UNet's
+    # time embedding, as SDXL adds its pooled text embedding: every ResNet block reads it
+    pooled_context: bool = False
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
@@ -160,6 +163,9 @@ class DecoderConfig:
             raise ConfigError("model.decoder.cfg_dropout must be in [0, 1)")
         if self.coord_channels and self.pretrained is not None:
             raise ConfigError("model.decoder.coord_channels needs a UNet built from the config; "
+                              "set it to false with model.decoder.pretrained")
+        if self.pooled_context and self.pretrained is not None:
+            raise ConfigError("model.decoder.pooled_context needs a UNet built from the config; "
                               "set it to false with model.decoder.pretrained")
         if self.use_vae and self.pretrained is None:
             raise ConfigError("model.decoder.use_vae needs model.decoder.pretrained (an SD folder with vae/)")

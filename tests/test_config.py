@@ -78,6 +78,12 @@ def test_bad_overrides_are_rejected_in_words(override, message):
         load_config(None, [override])
 
 
+def test_pooled_context_needs_a_built_unet():
+    with pytest.raises(ConfigError, match="pooled_context needs a UNet built from the config"):
+        load_config(None, ["model.decoder.pretrained=sd", "model.decoder.coord_channels=false",
+                           "model.decoder.pooled_context=true"])
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")

@@ -153,6 +153,46 @@ def test_token_context_masks_padding_and_reads_each_token(cfg):
     assert cmask[0].sum() == 1 and torch.equal(cmask[1:], mask[1:])
 
 
+def test_pooled_context_reaches_every_block_through_the_time_embedding(cfg):
+    """pooled_context: the <boi>'s token (the last kept one) enters the time embedding.
+
+    With cross-attention closed (its output projections zeroed), the prediction still follows
+    the last kept token, and neither earlier tokens nor padding change it.
+    """
+    dec = make_decoder(cfg, context_encoder="tokens", pooled_context=True).eval()
+    assert dec.unet.class_embedding is not None
+    with torch.no_grad():
+        for name, p in dec.unet.named_parameters():
+            if "attn2.to_out" in name:
+                p.zero_()
+    x0, context, mask, _, _ = inputs()
+    t = torch.tensor([10, 500, 990])
+    g = torch.Generator().manual_seed(5)
+    last = context.clone()
+    last[0, 3] = torch.randn(LLM_DIM, generator=g)  # row 0 keeps 4 tokens: its <boi> is token 3
+    last[1:, -1] = torch.randn(2, LLM_DIM, generator=g)
+    earlier, padded = context.clone(), context.clone()
+    earlier[:, 1] = torch.randn(3, LLM_DIM, generator=g)
+    padded[0, 4:] = 1e3
+    with torch.no_grad():
+        ref = dec.denoise(x0, t, *dec.context_encoder(context, mask))
+        for same in (earlier, padded):
+            assert torch.allclose(dec.denoise(x0, t, *dec.context_encoder(same, mask)), ref, atol=1e-5)
+        moved = (dec.denoise(x0, t, *dec.context_encoder(last, mask)) - ref).flatten(1).abs().amax(1)
+    assert (moved > 1e-4).all()
+    # null rows pool the null token; gradients reach the class embedding and the context encoder
+    cond, cmask = dec.context_encoder(context, mask, drop=torch.tensor([True, False, False]))
+    assert torch.equal(dec.context_encoder.pool(cond, cmask)[0], dec.context_encoder.null_context[0])
+    dec.train()
+    dec.loss(x0, context, mask).mean().backward()
+    for name in ("unet.class_embedding.linear_1.weight", "context_encoder.proj.1.weight"):
+        assert dict(dec.named_parameters())[name].grad.abs().sum() > 0, name
+    # the perceiver pools by the mean of its tokens
+    per = make_decoder(cfg, context_encoder="perceiver", pooled_context=True)
+    assert torch.isfinite(per.loss(x0, context, mask)).all()
+    assert per.sample(context, mask, steps=2, generator=torch.Generator().manual_seed(0)).shape == (3, 3, 32, 32)
+
+
 def test_old_perceiver_checkpoints_still_load(cfg):
     """Weights saved when the context encoder was called ``perceiver`` load into ``context_encoder``."""
     dec = make_decoder(cfg, context_encoder="perceiver")

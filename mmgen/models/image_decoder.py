@@ -69,6 +69,8 @@ def _tiny_unet(cfg: DecoderConfig) -> UNet2DConditionModel:
         down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim,
+        class_embed_type="projection" if cfg.pooled_context else None,
+        projection_class_embeddings_input_dim=cfg.cross_attention_dim if cfg.pooled_context else None,
         norm_num_groups=math.gcd(32, *cfg.block_out_channels))
 
 
@@ -101,6 +103,11 @@ class ContextPerceiver(nn.Module):
 
     def null(self, n: int, length: int | None = None) -> tuple[torch.Tensor, None]:
         return self.null_context.unsqueeze(0).expand(n, -1, -1), None  # (n, K, X)
+
+    @staticmethod
+    def pool(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(N, K, X) → (N, X): the mean of the resampled tokens."""
+        return context.mean(1)
 
     def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
@@ -138,6 +145,14 @@ class ContextTokens(nn.Module):
         mask = torch.zeros(n, length, dtype=torch.bool, device=tok.device)
         mask[:, 0] = True
         return out, mask
+
+    @staticmethod
+    def pool(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(N, T, X) + mask → (N, X): the last kept token, the ``<boi>``'s (the null token for null rows)."""
+        if mask is None:
+            return context[:, -1]
+        last = (mask.long().sum(1) - 1).clamp(min=0)  # (N,): contexts are left-aligned
+        return context[torch.arange(context.shape[0], device=context.device), last]
 
     def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None,
                 drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +325,8 @@ class ImageDecoder(nn.Module):
         → prediction (N, c, s, s)."""
         if self.cfg.coord_channels:
             x = self._coords(x)
-        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype),
+        pooled = self.context_encoder.pool(context, context_mask).to(x.dtype) if self.cfg.pooled_context else None
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype), class_labels=pooled,
                          encoder_attention_mask=context_mask).sample
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
