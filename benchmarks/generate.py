@@ -99,8 +99,7 @@ def ours_image_step(model, n: int, steps: int, guidance: float, sampler: str):
     when that image was drawn (the generator encodes every image once), so they are prepared
     here, outside the returned (timed) function."""
     dec, dev = model.decoder, model.device
-    D = model.llm.lm.get_input_embeddings().embedding_dim
-    context = torch.randn(n, CONTEXT_LEN, D, device=dev)
+    context = torch.randn(n, CONTEXT_LEN, dec.context_dim, device=dev)
     mask = torch.ones(n, CONTEXT_LEN, dtype=torch.bool, device=dev)
     prev = torch.zeros(n, 3, model.cfg.data.image_size, model.cfg.data.image_size, device=dev)
     _, maps = model.encode_images(prev)

@@ -60,6 +60,41 @@ def test_forward_backward_batch_8(tiny):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("words", [True, False])
+def test_decoder_context_with_and_without_word_embeddings(words):
+    """context_words: each context token is its last hidden state + the decoder's embedding of its id."""
+    model, collator = make([f"model.decoder.context_words={str(words).lower()}"])
+    batch = first_batch(collator, rows=2)
+    D, X = model.llm.lm.get_input_embeddings().embedding_dim, model.decoder.cross_dim
+    assert model.decoder.context_dim == D + (X if words else 0)
+    with torch.no_grad():
+        embeds, maps = model.encode_images(batch.images)
+        inputs = model.embed(batch.input_ids, embeds, batch.image_row, batch.image_positions)
+        out = model.llm(inputs_embeds=inputs, segment_ids=batch.segment_ids, position_ids=batch.position_ids,
+                        image_features=model.row_features(maps, batch.row_images), visible=batch.visible)
+        context = model.decoder_context(out, batch.input_ids)
+    assert context.shape[-1] == model.decoder.context_dim
+    assert torch.equal(context[..., :D], out.last_hidden_state)
+    if words:
+        torch.testing.assert_close(context[..., D:], model.decoder.context_encoder.words.weight[batch.input_ids])
+        # one changed word changes what the decoder's context encoder makes of that token
+        enc = model.decoder.context_encoder
+        other = context.clone()
+        other[0, 3, D:] = enc.words.weight[(batch.input_ids[0, 3] + 1) % enc.words.num_embeddings]
+        a, _ = enc(context[:1, :8])
+        b, _ = enc(other[:1, :8])
+        assert (a[0, 3] - b[0, 3]).abs().max() > 1e-3 and torch.allclose(a[0, :3], b[0, :3])
+    model.train()
+    model.zero_grad()
+    model(batch)["loss"].backward()
+    params = dict(model.named_parameters())
+    assert params["decoder.context_encoder.proj.1.weight"].grad.abs().sum() > 0
+    if words:
+        assert params["decoder.context_encoder.words.weight"].grad.abs().sum() > 0
+    else:
+        assert "decoder.context_encoder.words.weight" not in params
+
+
 def test_context_index():
     # two packed documents: the second starts at 5; <boi>s at 3 (doc 1) and 8 (doc 2)
     boi = torch.tensor([3, 8])

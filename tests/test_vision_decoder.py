@@ -16,6 +16,7 @@ from mmgen.models.resampler import Resampler
 from mmgen.models.vision import VisionEncoder
 
 LLM_DIM = 128
+VOCAB = 64
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,10 @@ def vision(cfg):
 
 def make_decoder(cfg, vision_dim=64, num_levels=3, **overrides):
     torch.manual_seed(0)
+    overrides.setdefault("context_words", False)  # the context is hidden states only, (n, T, LLM_DIM)
     dec_cfg = dataclasses.replace(cfg.decoder, **overrides)
-    return ImageDecoder(dec_cfg, cfg.mmfs, llm_dim=LLM_DIM, vision_dim=vision_dim, num_levels=num_levels)
+    return ImageDecoder(dec_cfg, cfg.mmfs, llm_dim=LLM_DIM, vision_dim=vision_dim, num_levels=num_levels,
+                        vocab_size=VOCAB)
 
 
 def inputs(n=3, m=2, seed=0):

@@ -221,9 +221,10 @@ class Generator:
             cache = out.past_key_values
             last = new_mask.sum(1) - 1  # (B,) index of each row's last real token in the chunk
             logits = out.logits[torch.arange(B), last].float()  # (B, V)
+            context = self.model.decoder_context(out, ids)  # (B, L, D')
             for b, d in enumerate(rows):
                 n = len(d.chunk_ids)
-                d.hidden.append(out.last_hidden_state[b, :n])
+                d.hidden.append(context[b, :n])
                 d.length += n
                 d.last_fed = past + n - 1
                 d.chunk_ids, d.chunk_images = [], []

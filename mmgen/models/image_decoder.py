@@ -95,6 +95,8 @@ class ContextPerceiver(nn.Module):
     Every context encoder returns ``(context, mask)``; the perceiver's mask is None (all K kept).
     """
 
+    words = None  # no word embeddings of its own (``context_words`` is for "tokens")
+
     def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
         super().__init__()
         self.perceiver = Perceiver(llm_dim, cross_dim, width=cross_dim, num_queries=cfg.context_tokens,
@@ -126,10 +128,20 @@ class ContextTokens(nn.Module):
     normalised again: unit-scale keys and values, as a text encoder hands a UNet (a context
     of small magnitude barely moves cross-attention). The UNet masks the padding. The null
     context is one learned token.
+
+    With ``cfg.context_words`` it also owns ``words``, an embedding of token ids into the
+    cross-attention width; the context then holds, per token, the hidden state followed by that
+    embedding (``MMInterleaved.decoder_context``), and the embedding is added after the projection.
     """
 
-    def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
+    def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int, vocab_size: int | None = None):
         super().__init__()
+        self.llm_dim = llm_dim
+        self.words = None
+        if cfg.context_words:
+            if vocab_size is None:
+                raise ValueError("model.decoder.context_words needs the tokenizer's vocabulary size")
+            self.words = nn.Embedding(vocab_size, cross_dim)  # N(0, 1): unit scale, as norm_out gives
         self.proj = nn.Sequential(nn.LayerNorm(llm_dim), nn.Linear(llm_dim, cross_dim), nn.GELU(),
                                   nn.Linear(cross_dim, cross_dim))
         self.distance = nn.Embedding(cfg.max_context, cross_dim)
@@ -163,7 +175,11 @@ class ContextTokens(nn.Module):
         mask = mask.bool()
         length = mask.sum(1, keepdim=True)  # (N, 1): contexts are left-aligned
         dist = (length - 1 - torch.arange(T, device=context.device)).clamp(0, self.distance.num_embeddings - 1)
-        out = self.norm_out(self.proj(context) + self.distance(dist).to(context.dtype))  # (N, T, X)
+        hidden, words = context[..., :self.llm_dim], context[..., self.llm_dim:]  # words: (N, T, X) or empty
+        out = self.proj(hidden) + self.distance(dist).to(context.dtype)
+        if self.words is not None:
+            out = out + words
+        out = self.norm_out(out)  # (N, T, X)
         out = out * mask[..., None]
         if drop is not None:
             null, null_mask = self.null(N, T)
@@ -172,9 +188,10 @@ class ContextTokens(nn.Module):
         return out, mask
 
 
-def make_context_encoder(cfg: DecoderConfig, llm_dim: int, cross_dim: int) -> nn.Module:
-    cls = ContextTokens if cfg.context_encoder == "tokens" else ContextPerceiver
-    return cls(cfg, llm_dim, cross_dim)
+def make_context_encoder(cfg: DecoderConfig, llm_dim: int, cross_dim: int, vocab_size: int | None = None) -> nn.Module:
+    if cfg.context_encoder == "tokens":
+        return ContextTokens(cfg, llm_dim, cross_dim, vocab_size)
+    return ContextPerceiver(cfg, llm_dim, cross_dim)
 
 
 class UNetMMFS(nn.Module):
@@ -231,7 +248,7 @@ class ImageDecoder(nn.Module):
     """UNet (+ VAE) + scheduler + context encoder + MMFS blocks; ``loss`` and ``sample``."""
 
     def __init__(self, cfg: DecoderConfig, mmfs_cfg: MMFSConfig, *, llm_dim: int, vision_dim: int,
-                 num_levels: int):
+                 num_levels: int, vocab_size: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.vae: AutoencoderKL | None = None
@@ -256,7 +273,9 @@ class ImageDecoder(nn.Module):
                                            timestep_spacing="trailing")
         uc = self.unet.config
         self.cross_dim = uc.cross_attention_dim
-        self.context_encoder = make_context_encoder(cfg, llm_dim, self.cross_dim)
+        self.context_encoder = make_context_encoder(cfg, llm_dim, self.cross_dim, vocab_size)
+        # width of the context tokens it is given: hidden state [+ word embedding]
+        self.context_dim = llm_dim + (self.cross_dim if cfg.context_words else 0)
         self._register_load_state_dict_pre_hook(_rename_perceiver_keys)
         self.mmfs_blocks = nn.ModuleDict()
         if mmfs_cfg.unet:

@@ -79,7 +79,8 @@ class MMInterleaved(nn.Module):
                                      gradient_checkpointing=m.llm.gradient_checkpointing)
         D = lm.get_input_embeddings().embedding_dim
         self.resampler = Resampler(m.resampler, C, D)
-        self.decoder = ImageDecoder(m.decoder, m.mmfs, llm_dim=D, vision_dim=C, num_levels=L)
+        self.decoder = ImageDecoder(m.decoder, m.mmfs, llm_dim=D, vision_dim=C, num_levels=L,
+                                    vocab_size=len(tokenizer))
         self.contrastive = ContrastiveHead(D, m.llm.contrastive_dim) if m.llm.text_only_layers else None
         self.set_trainable()
 
@@ -102,6 +103,15 @@ class MMInterleaved(nn.Module):
             return embeds
         rows = image_row[:, None].expand_as(image_positions)  # (N, Q)
         return embeds.index_put((rows, image_positions), image_embeds.to(embeds.dtype))  # (B, T, D)
+
+    def decoder_context(self, out, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token context for the image decoder: the LLM's last hidden states (B, T, D), with
+        ``model.decoder.context_words`` followed by the decoder's embedding of ``input_ids`` (B, T)."""
+        hidden = out.last_hidden_state
+        words = self.decoder.context_encoder.words
+        if words is None:
+            return hidden
+        return torch.cat([hidden, words(input_ids).to(hidden.dtype)], dim=-1)  # (B, T, D + X)
 
     @staticmethod
     def row_features(maps: list[torch.Tensor], row_images: torch.Tensor) -> list[torch.Tensor]:
@@ -128,7 +138,9 @@ class MMInterleaved(nn.Module):
 
     def image_conditions(self, batch: Batch, hidden: torch.Tensor, maps: list[torch.Tensor],
                          which: torch.Tensor) -> tuple:
-        """Decoder inputs of images ``which`` (n,): context (n, K, D), mask (n, K), previous images.
+        """Decoder inputs of images ``which`` (n,): context (n, K, D'), mask (n, K), previous images.
+
+        ``hidden`` (B, T, D') is :meth:`decoder_context` of the LLM output.
 
         Returns: context, mask, prev_features [(n, M', C, H_l, W_l)], prev_visible (n, M') — the
         images its ``<boi>`` sees (earlier images of its own document), compacted to the first M'
@@ -178,7 +190,7 @@ class MMInterleaved(nn.Module):
                                     ignore_index=IGNORE, reduction="sum") / n_text.clamp(min=1)
 
         # 5. diffusion loss of every image with context
-        per_image = self.image_losses(batch, out.last_hidden_state, maps, image_loss_limit) if has_images \
+        per_image = self.image_losses(batch, self.decoder_context(out, batch.input_ids), maps, image_loss_limit) if has_images \
             else out.last_hidden_state.new_zeros(0)
         image_loss = per_image.mean() if per_image.numel() else out.last_hidden_state.new_zeros(())
 
