@@ -154,6 +154,8 @@ def test_token_context_masks_padding_and_reads_each_token(cfg):
     null, null_mask = dec.context_encoder.null(1, context.shape[1])
     assert torch.equal(cond[0], null[0]) and torch.equal(cmask[0], null_mask[0])
     assert cmask[0].sum() == 1 and torch.equal(cmask[1:], mask[1:])
+    with pytest.raises(ValueError, match="must be 128 wide"):
+        dec.context_encoder(context[..., :100], mask)
 
 
 def test_pooled_context_reaches_every_block_through_the_time_embedding(cfg):

@@ -175,10 +175,13 @@ class ContextTokens(nn.Module):
         mask = mask.bool()
         length = mask.sum(1, keepdim=True)  # (N, 1): contexts are left-aligned
         dist = (length - 1 - torch.arange(T, device=context.device)).clamp(0, self.distance.num_embeddings - 1)
-        hidden, words = context[..., :self.llm_dim], context[..., self.llm_dim:]  # words: (N, T, X) or empty
-        out = self.proj(hidden) + self.distance(dist).to(context.dtype)
+        width = self.llm_dim + (self.words.embedding_dim if self.words is not None else 0)
+        if context.shape[-1] != width:
+            raise ValueError(f"the decoder's context tokens must be {width} wide (hidden state"
+                             f"{' + word embedding' if self.words is not None else ''}), got {context.shape[-1]}")
+        out = self.proj(context[..., :self.llm_dim]) + self.distance(dist).to(context.dtype)
         if self.words is not None:
-            out = out + words
+            out = out + context[..., self.llm_dim:]  # the word embeddings (MMInterleaved.decoder_context)
         out = self.norm_out(out)  # (N, T, X)
         out = out * mask[..., None]
         if drop is not None:
