@@ -166,14 +166,12 @@ class DecoderConfig:
             raise ConfigError("model.decoder.block_out_channels must not be empty")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ConfigError("model.decoder.cfg_dropout must be in [0, 1)")
-        if self.coord_channels and self.pretrained is not None:
-            raise ConfigError("model.decoder.coord_channels needs a UNet built from the config; "
-                              "set it to false with model.decoder.pretrained")
+        for key in ("coord_channels", "pooled_context"):  # they change the UNet's inputs
+            if getattr(self, key) and self.pretrained is not None:
+                raise ConfigError(f"model.decoder.{key} needs a UNet built from the config; "
+                                  "set it to false with model.decoder.pretrained")
         if self.context_words and self.context_encoder != "tokens":
             raise ConfigError("model.decoder.context_words needs model.decoder.context_encoder: tokens")
-        if self.pooled_context and self.pretrained is not None:
-            raise ConfigError("model.decoder.pooled_context needs a UNet built from the config; "
-                              "set it to false with model.decoder.pretrained")
         if self.use_vae and self.pretrained is None:
             raise ConfigError("model.decoder.use_vae needs model.decoder.pretrained (an SD folder with vae/)")
         down = 2 ** (len(self.block_out_channels) - 1)

@@ -99,6 +99,7 @@ class ContextPerceiver(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
         super().__init__()
+        self.context_dim = llm_dim  # width of the context tokens it takes
         self.perceiver = Perceiver(llm_dim, cross_dim, width=cross_dim, num_queries=cfg.context_tokens,
                                    num_layers=cfg.perceiver_layers, num_heads=_heads(cross_dim))
         self.null_context = nn.Parameter(torch.randn(cfg.context_tokens, cross_dim) * 0.02)  # (K, X)
@@ -142,6 +143,8 @@ class ContextTokens(nn.Module):
             if vocab_size is None:
                 raise ValueError("model.decoder.context_words needs the tokenizer's vocabulary size")
             self.words = nn.Embedding(vocab_size, cross_dim)  # N(0, 1): unit scale, as norm_out gives
+        # width of the context tokens it takes: hidden state [+ word embedding]
+        self.context_dim = llm_dim + (cross_dim if self.words is not None else 0)
         self.proj = nn.Sequential(nn.LayerNorm(llm_dim), nn.Linear(llm_dim, cross_dim), nn.GELU(),
                                   nn.Linear(cross_dim, cross_dim))
         self.distance = nn.Embedding(cfg.max_context, cross_dim)
@@ -175,9 +178,8 @@ class ContextTokens(nn.Module):
         mask = mask.bool()
         length = mask.sum(1, keepdim=True)  # (N, 1): contexts are left-aligned
         dist = (length - 1 - torch.arange(T, device=context.device)).clamp(0, self.distance.num_embeddings - 1)
-        width = self.llm_dim + (self.words.embedding_dim if self.words is not None else 0)
-        if context.shape[-1] != width:
-            raise ValueError(f"the decoder's context tokens must be {width} wide (hidden state"
+        if context.shape[-1] != self.context_dim:
+            raise ValueError(f"the decoder's context tokens must be {self.context_dim} wide (hidden state"
                              f"{' + word embedding' if self.words is not None else ''}), got {context.shape[-1]}")
         out = self.proj(context[..., :self.llm_dim]) + self.distance(dist).to(context.dtype)
         if self.words is not None:
@@ -277,8 +279,7 @@ class ImageDecoder(nn.Module):
         uc = self.unet.config
         self.cross_dim = uc.cross_attention_dim
         self.context_encoder = make_context_encoder(cfg, llm_dim, self.cross_dim, vocab_size)
-        # width of the context tokens it is given: hidden state [+ word embedding]
-        self.context_dim = llm_dim + (self.cross_dim if cfg.context_words else 0)
+        self.context_dim = self.context_encoder.context_dim  # width of the context tokens it takes
         self._register_load_state_dict_pre_hook(_rename_perceiver_keys)
         self.mmfs_blocks = nn.ModuleDict()
         if mmfs_cfg.unet:

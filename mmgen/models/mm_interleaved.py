@@ -190,9 +190,11 @@ class MMInterleaved(nn.Module):
                                     ignore_index=IGNORE, reduction="sum") / n_text.clamp(min=1)
 
         # 5. diffusion loss of every image with context
-        context = self.decoder_context(out, batch.input_ids)  # (B, T, D')
-        per_image = self.image_losses(batch, context, maps, image_loss_limit) if has_images \
-            else out.last_hidden_state.new_zeros(0)
+        if has_images:
+            context = self.decoder_context(out, batch.input_ids)  # (B, T, D')
+            per_image = self.image_losses(batch, context, maps, image_loss_limit)
+        else:
+            per_image = out.last_hidden_state.new_zeros(0)
         image_loss = per_image.mean() if per_image.numel() else out.last_hidden_state.new_zeros(())
 
         w = self.cfg.train.loss_weights
