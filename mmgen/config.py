@@ -152,6 +152,10 @@ class DecoderConfig:
     # the pooled context (the <boi>'s token; the perceiver's mean) is also added to the UNet's
     # time embedding, as SDXL adds its pooled text embedding: every ResNet block reads it
     pooled_context: bool = False
+    # how much of the image loss's gradient reaches the LLM (and through it the resampler and
+    # vision encoder) through the decoder context: 1 trains end to end, 0 leaves the LLM to the
+    # text loss (the decoder still reads it), in between scales it
+    context_grad: float = 1.0
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
@@ -166,6 +170,8 @@ class DecoderConfig:
             raise ConfigError("model.decoder.block_out_channels must not be empty")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ConfigError("model.decoder.cfg_dropout must be in [0, 1)")
+        if not 0.0 <= self.context_grad <= 1.0:
+            raise ConfigError("model.decoder.context_grad must be in [0, 1]")
         for key in ("coord_channels", "pooled_context"):  # they change the UNet's inputs
             if getattr(self, key) and self.pretrained is not None:
                 raise ConfigError(f"model.decoder.{key} needs a UNet built from the config; "

@@ -71,6 +71,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("data.seq_len=4", r"data.seq_len is too short"),
         ("model.vision.image_size=64", r"model.vision.image_size must equal data.image_size"),
         ("model.decoder.pretrained=sd", r"coord_channels needs a UNet built from the config"),
+        ("model.decoder.context_grad=2", r"model.decoder.context_grad must be in \[0, 1\]"),
     ],
 )
 def test_bad_overrides_are_rejected_in_words(override, message):

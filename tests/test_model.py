@@ -95,6 +95,32 @@ def test_decoder_context_with_and_without_word_embeddings(words):
         assert "decoder.context_encoder.words.weight" not in params
 
 
+def test_context_grad_scales_the_image_loss_gradient_into_the_llm():
+    """model.decoder.context_grad: same losses; the image loss's gradient reaching the LLM through
+    the decoder context is scaled by it (0: none), the decoder's own gradient is not."""
+    model, collator = make(["train.loss_weights.text=0"])
+    batch = first_batch(collator, rows=2)
+    model.train()
+    llm, dec = "llm.lm.model.layers.1.mlp.down_proj.weight", "decoder.context_encoder.proj.1.weight"
+    grads, loss = {}, {}
+    for scale in (1.0, 0.5, 0.0):
+        model.cfg.model.decoder.context_grad = scale
+        model.zero_grad()
+        torch.manual_seed(0)
+        out = model(batch)
+        out["loss"].backward()
+        params = dict(model.named_parameters())
+        loss[scale] = out["image_loss"].item()
+        grads[scale] = {n: None if params[n].grad is None else params[n].grad.clone() for n in (llm, dec)}
+    model.cfg.model.decoder.context_grad = 1.0
+    assert loss[1.0] == loss[0.5] == loss[0.0]
+    assert grads[1.0][llm].abs().sum() > 0
+    torch.testing.assert_close(grads[0.5][llm], 0.5 * grads[1.0][llm])
+    assert grads[0.0][llm] is None or not grads[0.0][llm].any()
+    for scale in (0.5, 0.0):
+        torch.testing.assert_close(grads[scale][dec], grads[1.0][dec])
+
+
 def test_context_index():
     # two packed documents: the second starts at 5; <boi>s at 3 (doc 1) and 8 (doc 2)
     boi = torch.tensor([3, 8])

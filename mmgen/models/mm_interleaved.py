@@ -106,8 +106,9 @@ class MMInterleaved(nn.Module):
 
     def decoder_context(self, out, input_ids: torch.Tensor) -> torch.Tensor:
         """Per-token context for the image decoder: the LLM's last hidden states (B, T, D), with
-        ``model.decoder.context_words`` followed by the decoder's embedding of ``input_ids`` (B, T)."""
-        hidden = out.last_hidden_state
+        ``model.decoder.context_words`` followed by the decoder's embedding of ``input_ids`` (B, T).
+        The gradient into the hidden states is scaled by ``model.decoder.context_grad``."""
+        hidden = scale_grad(out.last_hidden_state, self.cfg.model.decoder.context_grad)
         words = self.decoder.context_encoder.words
         if words is None:
             return hidden
@@ -359,6 +360,15 @@ class MMInterleaved(nn.Module):
                              f"weights were saved with another model config — use the {CONFIG_NAME} saved "
                              "with them") from None
         return model.to(device)
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x * scale + x.detach() * (1.0 - scale)
 
 
 def file_sha256(path: Path) -> str:
