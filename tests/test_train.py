@@ -51,6 +51,7 @@ def test_resume_gives_identical_losses_and_weights(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert (ra["text_loss"], ra["image_loss"], ra["lr"]) == (rb["text_loss"], rb["image_loss"], rb["lr"])
+        assert ra["grad_norm"] == rb["grad_norm"] and ra["grad_norm"] > 0  # before clipping
     for sub in ("model/model.safetensors", "trainer/weights.safetensors", "trainer/ema.safetensors"):
         wa = load_file(tmp_path / "a" / "step-000004" / sub)
         wb = load_file(tmp_path / "b" / "step-000004" / sub)

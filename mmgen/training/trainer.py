@@ -195,8 +195,8 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                 for k, v in out.items():  # every loss the model returns (e.g. contrastive_loss) is logged
                     totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
                 samples_seen += batch.input_ids.shape[0] * accelerator.num_processes
-            if tc.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            # the norm before clipping is logged: how often it exceeds the clip says how much clipping slows training
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -210,6 +210,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                 sps = (samples_seen - samples_last) / max(now - t_last, 1e-9)
                 t_last, samples_last = now, samples_seen
                 row = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
+                       "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else None,
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sps, 3)}
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
