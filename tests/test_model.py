@@ -112,7 +112,6 @@ def test_context_grad_scales_the_image_loss_gradient_into_the_llm():
         params = dict(model.named_parameters())
         loss[scale] = out["image_loss"].item()
         grads[scale] = {n: None if params[n].grad is None else params[n].grad.clone() for n in (llm, dec)}
-    model.cfg.model.decoder.context_grad = 1.0
     assert loss[1.0] == loss[0.5] == loss[0.0]
     assert grads[1.0][llm].abs().sum() > 0
     torch.testing.assert_close(grads[0.5][llm], 0.5 * grads[1.0][llm])
