@@ -353,15 +353,18 @@ def make_story(rng: random.Random, *, size: int = 64, story_id: str) -> Document
 def make_pairs(rng: random.Random, *, size: int = 64, doc_id: str, text_first: float = 0.75) -> Document:
     """2-4 independent frames, each with its introduction sentence: a document of caption pairs.
 
-    Not a story (nothing carries over from one pair to the next); a training source that gives
+    Not a story (no object carries over from one pair to the next); a training source that gives
     the decoder many images whose sentence describes them fully, and examples of independent
     pairs in one context (few-shot captioning). The order, sentence then image (drawing) with
     probability ``text_first`` or image then sentence (captioning), is drawn per document.
+    The background is drawn once per document, as in a story: in every ShapeStories document an
+    image's background is the one before it, so the decoder's synchronizer has one rule to learn.
     """
     _check_size(size)
     n = rng.randint(2, 4)
     order = "text-image" if rng.random() < text_first else "image-text"
-    frames = [random_frame(rng) for _ in range(n)]
+    background = rng.choice(tuple(BACKGROUNDS))
+    frames = [random_frame(rng).replace(background=background) for _ in range(n)]
     segments: list[Segment] = []
     for frame in frames:
         text = Segment("text", text=intro_sentence(frame))
