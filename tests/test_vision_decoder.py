@@ -289,6 +289,20 @@ def test_sample_range_and_determinism(cfg, sampler):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_ddim_does_not_clip_the_guided_x0(cfg):
+    """DDIM draws its image from x0 estimates: clipping a guided estimate to [-1, 1] at high noise
+    undid the guidance (bundled model, t2i joint 0.09 clipped, 0.50 not; docs/RESULTS.md)."""
+    dec = make_decoder(cfg)
+    assert dec.scheduler.config.clip_sample  # the training scheduler's default, which DDIM inherited
+    sched = dec.make_sampler("ddim", 10)
+    assert not sched.config.clip_sample
+    t = sched.timesteps[0]
+    x = torch.randn(1, 3, 4, 4)
+    pred = torch.full_like(x, -3.0)  # v at t≈T is ≈ -x0: an x0 estimate of +3, beyond the range
+    out = sched.step(pred, t, x)
+    assert out.pred_original_sample.max() > 2.5
+
+
 def test_coord_channels(cfg):
     dec = make_decoder(cfg, coord_channels=True)
     assert dec.unet.config.in_channels == 5
