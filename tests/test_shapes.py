@@ -228,7 +228,7 @@ def test_pairs_are_independent_described_frames():
     # it is drawn per document, so all four occur
     assert all(len({f["background"] for f in d.meta["shapes"]["frames"]}) == 1 for d in docs)
     assert {d.meta["shapes"]["frames"][0]["background"] for d in docs} == set(S.BACKGROUNDS)
-    # the objects do not carry over: some document has two pairs that differ in every attribute
+    # the objects do not carry over: some document has two pairs that differ in shape, colour and position
     assert any(all(a[k] != b[k] for k in ("shape", "colour", "position"))
                for d in docs for a, b in itertools.pairwise(d.meta["shapes"]["frames"]))
 

@@ -291,7 +291,7 @@ def test_sample_range_and_determinism(cfg, sampler):
 
 def test_ddim_does_not_clip_the_guided_x0(cfg):
     """DDIM draws its image from x0 estimates: clipping a guided estimate to [-1, 1] at high noise
-    undid the guidance (bundled model, t2i joint 0.09 clipped, 0.50 not; docs/RESULTS.md)."""
+    undid the guidance (runs/cg0x step 4500: t2i joint 0.09 clipped, 0.50 not; docs/RESULTS.md)."""
     dec = make_decoder(cfg)
     assert dec.scheduler.config.clip_sample  # the training scheduler's default, which DDIM inherited
     sched = dec.make_sampler("ddim", 10)

@@ -48,7 +48,7 @@ def make_sampler(name: str, steps: int, train_config: dict, device: torch.device
     elif name == "ddim":
         # no x0 clipping (as Stable Diffusion's DDIM config): DDIM takes its image from the clipped
         # x0 estimates, and clipping the guided estimate undid the guidance (t2i joint 0.09 against
-        # 0.50 unclipped on the bundled model; docs/RESULTS.md)
+        # 0.50 unclipped on runs/cg0x step 4500; docs/RESULTS.md)
         sched = DDIMScheduler.from_config(train_config, clip_sample=False)
     elif name == "ddpm":
         sched = DDPMScheduler.from_config(train_config)
