@@ -117,6 +117,10 @@ class MMFSConfig:
     hidden_size: int = 64  # width of the sampled values
     max_images: int = 32  # size of the relative image-index embedding
     unet_levels: list[int] = field(default_factory=lambda: [0, 1])  # UNet down-block levels with MMFS
+    # the previous images' features, pooled over space and images, are also added to the UNet's
+    # time embedding (zero-initialised): a global condition every ResNet block reads, for what
+    # holds everywhere in a picture (its background), which the local MMFS reads did not carry over
+    unet_global: bool = False
     trainable: bool = True  # the "sync" freeze group: MMFS, resampler, projections
 
     def validate(self) -> None:
@@ -243,6 +247,10 @@ class LossWeights:
 class TrainConfig:
     out_dir: str = "runs/shapes-tiny"
     steps: int = 2000
+    # start from the weights (and tokenizer) of a model folder — a run's step-*/model or a bundled
+    # checkpoint — with a fresh optimiser and schedule; tensors the folder lacks (a module the
+    # config adds) keep their initialisation. Ignored when resuming a run of its own.
+    init_from: str | None = None
     batch_size: int = 8
     grad_accum: int = 1
     image_loss_limit: int | None = None  # most images per micro-batch that get a diffusion loss

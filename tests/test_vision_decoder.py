@@ -259,6 +259,55 @@ def test_guidance_pairs_read_context_free_levels_once(cfg):
     assert torch.allclose(shared, ref, atol=1e-5)
 
 
+def test_global_condition_reads_previous_images_through_the_time_embedding(cfg):
+    """``model.mmfs.unet_global``: starts as a no-op; once trained, a previous image changes every
+    pixel's prediction, rows that see no image are untouched, guidance pairs match, and the loss
+    trains it."""
+    mmfs = dataclasses.replace(cfg.mmfs, unet_global=True)
+    torch.manual_seed(0)
+    dec = ImageDecoder(dataclasses.replace(cfg.decoder, context_words=False), mmfs, llm_dim=LLM_DIM,
+                       vision_dim=64, num_levels=3, vocab_size=VOCAB).eval()
+    glob = dec.global_condition
+    assert glob is not None
+    x0, context, mask, feats, visible = inputs()
+    t = torch.tensor([10, 500, 990])
+    cond, cmask = dec.context_encoder(context, mask)
+    with torch.no_grad():
+        plain = dec.denoise(x0, t, cond, cmask)
+        with dec.image_context(feats, visible):
+            assert torch.equal(dec.denoise(x0, t, cond, cmask), plain)  # zero-initialised
+
+    # the loss reaches the zero-initialised layer (and only with previous images)
+    dec.train()
+    loss = dec.loss(x0, context, mask, feats, visible, generator=torch.Generator().manual_seed(0)).sum()
+    loss.backward()
+    assert glob.mlp[-1].weight.grad.abs().sum() > 0
+    dec.eval()
+
+    with torch.no_grad():
+        glob.mlp[-1].weight.normal_(0, 0.1)
+        shift = torch.randn(64, 1, 1, generator=torch.Generator().manual_seed(2))
+        feats2 = [f.clone() for f in feats]
+        for f in feats2:
+            f[:, 0] += shift  # change the previous image in slot 0: its colour everywhere
+        with dec.image_context(feats, visible):
+            a = dec.denoise(x0, t, cond, cmask)
+        with dec.image_context(feats2, visible):
+            b = dec.denoise(x0, t, cond, cmask)
+        changed = (a - b).abs()  # (3, 3, 32, 32)
+        assert (changed[:2].flatten(2).amin(-1) > 0).all()  # every pixel of rows that see the image
+        assert changed[2].max() == 0  # the last row sees no previous image
+        assert torch.equal(dec.denoise(x0, t, cond, cmask), plain)  # only inside the context
+
+        null, null_mask = dec.context_encoder.null(3, cond.shape[1])
+        both, both_mask = torch.cat([null, cond]), torch.cat([null_mask, cmask])
+        with dec.image_context([torch.cat([f, f]) for f in feats], torch.cat([visible, visible])):
+            ref = dec.denoise(torch.cat([x0, x0]), t.repeat(2), both, both_mask)
+        with dec.image_context(feats, visible, guidance_pairs=True):
+            pairs = dec.denoise(torch.cat([x0, x0]), t.repeat(2), both, both_mask)
+    assert torch.allclose(pairs, ref, atol=1e-5)
+
+
 def test_deepcopy_keeps_hooks_on_the_copy(cfg):
     """EMA copies the decoder: the copy's hooks must use the copy's MMFS blocks."""
     dec = make_decoder(cfg).eval()

@@ -12,7 +12,8 @@ context replaces them with probability ``cfg_dropout`` in training and is the un
 branch of classifier-free guidance. At chosen down blocks the UNet feature map reads the
 multi-scale vision features of the previous images through MMFS, added through a
 zero-initialised 1×1 convolution (ControlNet style), by forward hooks on the down blocks —
-diffusers' code is used as it is. The hooks act only inside :meth:`ImageDecoder.image_context`.
+diffusers' code is used as it is; optionally (``model.mmfs.unet_global``) their pooled features
+also join the time embedding, a global condition. The hooks act only inside :meth:`ImageDecoder.image_context`.
 Both guidance branches see the previous images: guidance amplifies the text condition only.
 """
 
@@ -245,6 +246,40 @@ class UNetMMFS(nn.Module):
         return hidden, residuals[:-1] + (hidden,)
 
 
+class GlobalImageCondition(nn.Module):
+    """Previous images → one vector added to the UNet's time embedding (``model.mmfs.unet_global``).
+
+    The features of the visible previous images [(N, M, C_v, H_l, W_l)] per level are averaged
+    over space and over the visible images, concatenated over levels and mapped by a small MLP
+    whose last layer starts at zero (the UNet starts as it was). A forward hook on the UNet's
+    ``time_embedding`` adds the result, so every ResNet block reads it, as SDXL adds its pooled
+    text embedding.
+    """
+
+    def __init__(self, vision_dim: int, num_levels: int, embed_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(vision_dim * num_levels), nn.Linear(vision_dim * num_levels, embed_dim),
+                                 nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.state: torch.Tensor | None = None  # (B, embed_dim) inside ImageDecoder.image_context
+
+    def forward(self, prev_features: list[torch.Tensor], prev_visible: torch.Tensor) -> torch.Tensor:
+        """[(N, M, C_v, H_l, W_l)] per level, visible (N, M) bool → (N, embed_dim); zero for rows
+        that see no image."""
+        w = prev_visible.to(prev_features[0].dtype)  # (N, M)
+        count = w.sum(1, keepdim=True)  # (N, 1)
+        pooled = torch.cat([(f.mean(dim=(3, 4)) * w[..., None]).sum(1) for f in prev_features], dim=-1)  # (N, L·C_v)
+        out = self.mlp(pooled / count.clamp(min=1))  # (N, embed_dim)
+        return out * (count > 0)
+
+    def hook(self, module: nn.Module, args, output):
+        """Forward hook on the UNet's ``time_embedding``: (B, embed_dim) + the condition."""
+        if self.state is None:
+            return None
+        return output + self.state.to(output.dtype)
+
+
 def _rename_perceiver_keys(state_dict, prefix, *args) -> None:
     """Checkpoints from before ``context_encoder`` named the perceiver ``perceiver``."""
     old = prefix + "perceiver."
@@ -295,6 +330,11 @@ class ImageDecoder(nn.Module):
                 block = UNetMMFS(uc.block_out_channels[level], vision_dim, mmfs_cfg, num_levels, context_free)
                 self.mmfs_blocks[str(level)] = block
                 self.unet.down_blocks[level].register_forward_hook(block.hook)
+        self.global_condition: GlobalImageCondition | None = None
+        if mmfs_cfg.unet and mmfs_cfg.unet_global:
+            self.global_condition = GlobalImageCondition(vision_dim, num_levels,
+                                                         self.unet.time_embedding.linear_2.out_features)
+            self.unet.time_embedding.register_forward_hook(self.global_condition.hook)
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
         self.latent_channels = self.vae.config.latent_channels if self.vae else 3
         expected = self.latent_channels + (2 if cfg.coord_channels else 0)
@@ -323,7 +363,9 @@ class ImageDecoder(nn.Module):
         previous images once for both halves, the others repeat them.
         Without features (or with none visible) the hooks do nothing.
         """
-        active = (prev_features is not None and prev_visible is not None and len(self.mmfs_blocks) > 0
+        glob = self.global_condition
+        active = (prev_features is not None and prev_visible is not None
+                  and (len(self.mmfs_blocks) > 0 or glob is not None)
                   and prev_visible.shape[-1] > 0 and bool(prev_visible.any()))
         if active:
             for block in self.mmfs_blocks.values():
@@ -331,11 +373,16 @@ class ImageDecoder(nn.Module):
                 if guidance_pairs and not block.context_free:  # this level sees both halves
                     values, visible = [v.repeat(2, 1, 1, 1) for v in values], visible.repeat(2, 1)
                 block.state = (values, visible, guidance_pairs)
+            if glob is not None:
+                vector = glob(prev_features, prev_visible.bool())  # (N, D)
+                glob.state = vector.repeat(2, 1) if guidance_pairs else vector
         try:
             yield
         finally:
             for block in self.mmfs_blocks.values():
                 block.state = None
+            if glob is not None:
+                glob.state = None
 
     def _coords(self, x: torch.Tensor) -> torch.Tensor:
         """Append x/y coordinate channels in [-1, 1]: (N, c, s, s) → (N, c+2, s, s)."""

@@ -96,9 +96,20 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
             print(f"removed {partial.name}, a checkpoint whose save was cut short")
 
     # 1. tokenizer, model, optimiser — from the checkpoint's tokenizer when resuming
-    tokenizer = _checkpoint_tokenizer(ckpt) if ckpt else build_tokenizer(cfg)
+    init = Path(tc.init_from) if tc.init_from and ckpt is None else None
+    if ckpt:
+        tokenizer = _checkpoint_tokenizer(ckpt)
+    elif init:
+        tokenizer = _init_tokenizer(init)
+    else:
+        tokenizer = build_tokenizer(cfg)
     torch.manual_seed(tc.seed)
     model = MMInterleaved(cfg, tokenizer)
+    if init and main:
+        new = _init_weights(model, init)
+        print(f"initialised from {init}" + (f"; {len(new)} tensors it lacks start fresh (e.g. {new[0]})" if new else ""))
+    elif init:
+        _init_weights(model, init)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -255,6 +266,46 @@ def _checkpoint_tokenizer(ckpt: Path):
         return load_tokenizer(folder)
     except TokenizerError as e:
         raise CheckpointError(f"{ckpt}: its tokenizer cannot be loaded ({e})") from None
+
+
+def _init_tokenizer(folder: Path):
+    from ..data.tokenizer import TokenizerError, load_tokenizer
+    from ..models.mm_interleaved import TOKENIZER_DIR, WEIGHTS_NAME
+
+    missing = [n for n in (WEIGHTS_NAME, TOKENIZER_DIR) if not (folder / n).exists()]
+    if missing:
+        raise TrainingError(f"train.init_from: {folder} is not a model folder ({', '.join(missing)} missing); "
+                            "give a run's step-*/model folder or a bundled checkpoint")
+    try:
+        return load_tokenizer(folder / TOKENIZER_DIR)
+    except TokenizerError as e:
+        raise TrainingError(f"train.init_from: {folder}: its tokenizer cannot be loaded ({e})") from None
+
+
+def _init_weights(model: torch.nn.Module, folder: Path) -> list[str]:
+    """Load ``folder``'s weights into ``model`` for ``train.init_from``; returns the model's tensors the
+    file lacks (they keep their initialisation). Tensors of another shape, or not in the model, are an error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..models.mm_interleaved import WEIGHTS_NAME, verify_checksum, weights_mismatch
+
+    path = folder / WEIGHTS_NAME
+    try:
+        verify_checksum(folder, WEIGHTS_NAME)
+        result = model.load_state_dict(load_file(str(path)), strict=False)
+    except ValueError as e:  # the recorded checksum differs
+        raise TrainingError(f"train.init_from: {e}") from None
+    except (SafetensorError, OSError) as e:
+        raise TrainingError(f"train.init_from: {path} cannot be read ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:
+        raise TrainingError(f"train.init_from: {folder} does not fit the model this config builds "
+                            f"({weights_mismatch(e)})") from None
+    if result.unexpected_keys:
+        raise TrainingError(f"train.init_from: {folder} holds {len(result.unexpected_keys)} tensors this config's "
+                            f"model has not (e.g. {result.unexpected_keys[0]}); it was trained with another "
+                            "model config")
+    return [k for k in result.missing_keys if k not in _buffers(model)]
 
 
 def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
