@@ -47,14 +47,15 @@ def test_forward_backward_batch_8(tiny):
     model.train()
     model.zero_grad()
     out = model(batch)
-    assert set(out) == {"loss", "text_loss", "image_loss"}
+    assert set(out) == {"loss", "text_loss", "image_loss", "contrastive_loss"}  # the shipped config: CosMo on
     assert all(torch.isfinite(v) for v in out.values())
     w = model.cfg.train.loss_weights
-    assert torch.allclose(out["loss"], w.text * out["text_loss"] + w.image * out["image_loss"])
+    assert torch.allclose(out["loss"], w.text * out["text_loss"] + w.image * out["image_loss"]
+                          + w.contrastive * out["contrastive_loss"])
     out["loss"].backward()
     params = dict(model.named_parameters())
     for name in ("vision.tower.embeddings.patch_embedding.weight", "resampler.queries",
-                 "llm.lm.model.layers.0.self_attn.q_proj.weight", "llm.mmfs.1.gate",
+                 "llm.lm.model.layers.0.self_attn.q_proj.weight", f"llm.mmfs.{next(iter(model.llm.mmfs))}.gate",
                  "decoder.unet.conv_in.weight", "decoder.context_encoder.proj.1.weight",
                  "decoder.mmfs_blocks.0.zero_conv.weight"):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
@@ -193,7 +194,8 @@ def test_freeze_groups(tiny):
     try:
         model.set_trainable(vision=False, llm=False, sync=True, decoder=False)
         for name, p in model.named_parameters():
-            in_sync = name.startswith(("resampler.", "llm.mmfs.", "decoder.mmfs_blocks."))
+            in_sync = name.startswith(("resampler.", "llm.mmfs.", "decoder.mmfs_blocks.", "decoder.global_condition.",
+                                       "contrastive."))
             assert p.requires_grad == in_sync, name
         names = {g["name"] for g in model.param_groups()}
         assert names == {"new", "new_no_decay", "pretrained_no_decay"}  # offsets: slow, no decay

@@ -28,6 +28,8 @@ TINY = [
     "model.decoder.cross_attention_dim=16", "model.decoder.context_tokens=4",
     "data.seq_len=64", "train.batch_size=2", "train.warmup_steps=1", "train.log_every=1",
     "train.image_loss_limit=4", "train.lr=1e-3",
+    # the plain model (the shipped config turns CosMo on; tests/test_cosmo.py trains it)
+    "model.llm.text_only_layers=0", "train.loss_weights.contrastive=0",
 ]
 
 

@@ -269,11 +269,13 @@ class MMInterleaved(nn.Module):
     # --- freezing and optimiser groups -----------------------------------------------------------
 
     def groups(self) -> dict[str, list[nn.Module]]:
-        """The freeze groups: vision tower, LLM, synchronizers (MMFS, resampler, contrastive head), decoder."""
+        """The freeze groups: vision tower, LLM, synchronizers (MMFS, the UNet's global image condition,
+        resampler, contrastive head), decoder."""
         return {
             "vision": [self.vision],
             "llm": [self.llm.lm],
             "sync": [self.resampler, self.llm.mmfs, self.decoder.mmfs_blocks]
+            + ([self.decoder.global_condition] if self.decoder.global_condition is not None else [])
             + ([self.contrastive] if self.contrastive is not None else []),
             "decoder": [self.decoder.unet, self.decoder.context_encoder],
         }
