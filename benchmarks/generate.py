@@ -7,7 +7,7 @@ Measured in one run, side by side, with the same model:
     sequence at every step (no cache) vs the KV cache — time without / time with;
   * ``batch_speedup``: documents/s generating 16 story prompts at batch size 16 vs 1;
   * ``image_overhead``: our image step (context perceiver, guidance, MMFS reading the previous
-    image, vision encoding of the result) vs a bare diffusers loop with the same UNet,
+    image — and taking it as input channels where the model does —, vision encoding of the result) vs a bare diffusers loop with the same UNet,
     scheduler and step count (guidance batch, no MMFS, no encoding) — our time / bare time;
   * ``story_seconds``: wall time of one 4-image story (free continuation of one sentence).
 The last line is JSON with those keys.
@@ -108,7 +108,8 @@ def ours_image_step(model, n: int, steps: int, guidance: float, sampler: str):
 
     @torch.no_grad()
     def step() -> None:
-        images = dec.sample(context, mask, features, visible, sampler=sampler, steps=steps, guidance=guidance)
+        images = dec.sample(context, mask, features, visible, prev_image=prev if dec.previous_image else None,
+                            sampler=sampler, steps=steps, guidance=guidance)
         model.encode_images(images)
 
     return step

@@ -117,10 +117,10 @@ class MMFSConfig:
     hidden_size: int = 64  # width of the sampled values
     max_images: int = 32  # size of the relative image-index embedding
     unet_levels: list[int] = field(default_factory=lambda: [0, 1])  # UNet down-block levels with MMFS
-    # the previous images' features, pooled over space and images, are also added to the UNet's
-    # time embedding (zero-initialised): a global condition every ResNet block reads, for what
-    # holds everywhere in a picture (its background), which the local MMFS reads did not carry over
-    unet_global: bool = False
+    # the latest earlier image (in diffusion space) also joins the UNet's input channels, through
+    # input weights that start at zero: the tiny UNet did not carry a flat background over
+    # through MMFS alone (continuation background 0.34, chance 0.25; docs/RESULTS.md)
+    unet_previous_image: bool = False
     trainable: bool = True  # the "sync" freeze group: MMFS, resampler, projections
 
     def validate(self) -> None:
@@ -249,7 +249,8 @@ class TrainConfig:
     steps: int = 2000
     # start from the weights (and tokenizer) of a model folder — a run's step-*/model or a bundled
     # checkpoint — with a fresh optimiser and schedule; tensors the folder lacks (a module the
-    # config adds) keep their initialisation. Ignored when resuming a run of its own.
+    # config adds) keep their initialisation, input channels it adds to the UNet start at zero.
+    # Ignored when resuming a run of its own.
     init_from: str | None = None
     batch_size: int = 8
     grad_accum: int = 1

@@ -130,6 +130,40 @@ def test_batching_many_prompts_of_different_kinds(model):
             sum(s.type == "image" and s.is_placeholder for s in p.segments)
 
 
+def test_the_decoder_is_given_each_documents_latest_image(tmp_path, monkeypatch):
+    """``model.mmfs.unet_previous_image``: every image is drawn with its own document's latest image
+    (the prompt's, then the one drawn before it), zeros where a document has none yet."""
+    from mmgen.config import load_config
+    from mmgen.data.tokenizer import build_tokenizer
+    from mmgen.models.mm_interleaved import MMInterleaved
+
+    cfg = load_config(None, [*TINY, "model.mmfs.unet_previous_image=true"])
+    torch.manual_seed(0)
+    net = MMInterleaved(cfg, build_tokenizer(cfg)).eval()
+    given, drawn = [], []
+    sample = net.decoder.sample
+
+    def spy(*args, **kwargs):
+        given.append(kwargs["prev_image"].clone())
+        out = sample(*args, **kwargs)
+        drawn.append(out.clone())
+        return out
+
+    monkeypatch.setattr(net.decoder, "sample", spy)
+    red = Image.new("RGB", (32, 32), (200, 30, 30))
+    with_image = Document("cont", [Segment("text", text="A large red circle is in the top left."),
+                                   Segment("image", image=red), Segment("text", text="The circle turns blue."),
+                                   Segment("image"), Segment("text", text="It moves left."), Segment("image")])
+    text_only = Document("t2i", [Segment("text", text="A small blue square is in the center."), Segment("image")])
+    docs = generate([with_image, text_only], model=net, **{**FAST, "max_images": 2})
+    assert len(given) == 2 and given[0].shape[0] == 2  # both documents in the first image step
+    prompt_pixels = torch.from_numpy(np.asarray(red, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(given[0][0], prompt_pixels)
+    assert given[0][1].abs().max() == 0  # the text-only document has no image yet
+    drawn_pixels = torch.from_numpy(np.asarray(docs[0].segments[3].image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(given[1][0], drawn_pixels)  # then the image it drew
+
+
 def test_long_prompt_is_cut_from_the_left_with_a_warning(model):
     long_text = " ".join(["A small red circle is on the left."] * 200)
     (doc,) = generate([long_text], model=model, **{**FAST, "max_images": 0})

@@ -147,7 +147,7 @@ def test_image_conditions_ignore_other_documents(tiny):
                           visible=batch.visible).last_hidden_state
         which = (batch.image_row == 0).nonzero().squeeze(-1)[-n0:]  # docs[0]'s images
         conds.append((batch, model.image_conditions(batch, h, maps, which)))
-    (alone, (c1, m1, f1, v1)), (packed, (c2, m2, f2, v2)) = conds
+    (alone, (c1, m1, f1, v1, p1)), (packed, (c2, m2, f2, v2, p2)) = conds
     assert len(packed.doc_ids[0]) == 2 and c1.shape == c2.shape
     torch.testing.assert_close(c1, c2, rtol=1e-4, atol=1e-5)
     assert torch.equal(m1, m2)
@@ -156,6 +156,31 @@ def test_image_conditions_ignore_other_documents(tiny):
     assert v1.shape[1] == n0 - 1
     for a, b in zip(f1, f2):
         torch.testing.assert_close(a[v1], b[v2])
+
+
+def test_previous_image_is_the_latest_earlier_image_of_its_own_document():
+    """``model.mmfs.unet_previous_image``: each image's decoder input is the image before it in its own
+    document (zeros for a document's first), also when another document is packed before it."""
+    model, _ = make(["model.mmfs.unet_previous_image=true"])
+    model.eval()
+    collator = Collator(model.tokenizer, load_config())
+    docs = list(itertools.islice(stream_stories(3, size=32), 2))
+    batch = collator([docs[1], docs[0]])
+    assert batch.input_ids.shape[0] == 1 and len(batch.doc_ids[0]) == 2
+    with torch.no_grad():
+        embeds, maps = model.encode_images(batch.images)
+        h = model.llm(inputs_embeds=model.embed(batch.input_ids, embeds, batch.image_row, batch.image_positions),
+                      segment_ids=batch.segment_ids, position_ids=batch.position_ids,
+                      image_features=model.row_features(maps, batch.row_images),
+                      visible=batch.visible).last_hidden_state
+    which = torch.arange(batch.num_images)
+    prev = model.image_conditions(batch, h, maps, which)[4]
+    first = sum(seg.type == "image" for seg in docs[1].segments)  # images of the first packed document
+    for i in range(batch.num_images):
+        if i in (0, first):  # a document's first image has none
+            assert prev[i].abs().max() == 0, i
+        else:
+            assert torch.equal(prev[i], batch.images[i - 1]), i
 
 
 def test_save_load_identical(tiny, tmp_path):
@@ -194,8 +219,7 @@ def test_freeze_groups(tiny):
     try:
         model.set_trainable(vision=False, llm=False, sync=True, decoder=False)
         for name, p in model.named_parameters():
-            in_sync = name.startswith(("resampler.", "llm.mmfs.", "decoder.mmfs_blocks.", "decoder.global_condition.",
-                                       "contrastive."))
+            in_sync = name.startswith(("resampler.", "llm.mmfs.", "decoder.mmfs_blocks.", "contrastive."))
             assert p.requires_grad == in_sync, name
         names = {g["name"] for g in model.param_groups()}
         assert names == {"new", "new_no_decay", "pretrained_no_decay"}  # offsets: slow, no decay

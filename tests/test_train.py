@@ -112,21 +112,24 @@ def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path):
         train(cfg, resume=str(tmp_path), show_progress=False)
 
 
-def test_init_from_a_model_folder_adds_a_new_module(tmp_path):
-    """``train.init_from``: the weights of a trained model folder, a fresh schedule, and a module the
-    config adds (``model.mmfs.unet_global``) starting from its own initialisation; a model folder of
-    another shape is a clear error."""
+def test_init_from_a_model_folder_widens_the_unet_input(tmp_path):
+    """``train.init_from``: the weights of a trained model folder and a fresh schedule; the input
+    channels ``model.mmfs.unet_previous_image`` adds start at zero, so the model starts as it was;
+    a model folder of another shape is a clear error."""
     train(tiny_config(tmp_path / "a", "train.steps=2", "train.save_every=2"), show_progress=False)
     source = tmp_path / "a" / "step-000002" / "model"
     before = load_file(source / "model.safetensors")
 
-    cfg = tiny_config(tmp_path / "b", "train.steps=1", "model.mmfs.unet_global=true", f"train.init_from={source}",
-                      "train.lr=1e-12", "train.lr_pretrained=1e-12")  # a step that barely moves the weights
+    cfg = tiny_config(tmp_path / "b", "train.steps=1", "model.mmfs.unet_previous_image=true",
+                      f"train.init_from={source}", "train.lr=1e-12", "train.lr_pretrained=1e-12")  # barely moves
     train(cfg, show_progress=False)
     after = load_file(tmp_path / "b" / "step-000001" / "model" / "model.safetensors")
-    new = [k for k in after if k not in before]
-    assert new and all(k.startswith("decoder.global_condition.") for k in new)
-    assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)
+    assert after.keys() == before.keys()
+    key = "decoder.unet.conv_in.weight"
+    assert after[key].shape[1] == before[key].shape[1] + 3
+    assert torch.allclose(after[key][:, :before[key].shape[1]], before[key], atol=1e-6)
+    assert after[key][:, before[key].shape[1]:].abs().max() < 1e-6
+    assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before if k != key)
     assert losses(tmp_path / "b")[0]["step"] == 1  # a run of its own: step 1, not 3
 
     wider = tiny_config(tmp_path / "c", "train.steps=1", "model.llm.hidden_size=48", f"train.init_from={source}")

@@ -61,6 +61,7 @@ class _Doc:
     last_fed: int = -1  # cache index of the last real token fed
     hidden: list[torch.Tensor] = field(default_factory=list)  # [(t, D)] of every real token, in order
     maps: list[list[torch.Tensor]] = field(default_factory=list)  # per image, per level (C, H, W)
+    latest: torch.Tensor | None = None  # the latest image's pixels (3, S, S)
     boi_at: list[int] = field(default_factory=list)  # cache index of each image's <boi>
     text: list[int] = field(default_factory=list)  # tokens of the text being generated
     filling_text: bool = False  # generating for a text placeholder
@@ -154,6 +155,7 @@ class Generator:
             for j, boi in enumerate(enc.image_boi):
                 d.chunk_images.append((base + boi - shift + 1, embeds[j], None))
                 d.maps.append([m[j] for m in maps])
+                d.latest = pixels[j]
                 d.segments.append(Segment("image", image=tensor_to_image(pixels[j].cpu()), source="prompt"))
         elif seg.type == "text":
             d.segments.append(Segment("text", text=seg.text, source="prompt"))
@@ -352,9 +354,14 @@ class Generator:
             context[n, :c.shape[0]], cmask[n, :c.shape[0]] = c, True
         # 2. the earlier images each one may read (its own document's), as slots
         prev_features, prev_visible = self._slots(asking)
+        prev_image = None
+        if self.model.decoder.previous_image:  # the latest one, zeros for none
+            blank = torch.zeros(3, self.size, self.size, device=self.device)
+            prev_image = torch.stack([d.latest if d.latest is not None else blank for d in asking])
         # 3. sample, each image from its own document's generator
-        images = self.model.decoder.sample(context, cmask, prev_features, prev_visible, sampler=s.sampler,
-                                           steps=s.steps, guidance=s.guidance, generator=[d.gen for d in asking])
+        images = self.model.decoder.sample(context, cmask, prev_features, prev_visible, prev_image=prev_image,
+                                           sampler=s.sampler, steps=s.steps, guidance=s.guidance,
+                                           generator=[d.gen for d in asking])
         # 4. encode the new images once: resampler tokens for the LLM, maps for MMFS
         pixels = torch.stack([image_to_tensor(tensor_to_image(x.cpu()), self.size) for x in images]).to(self.device)
         embeds, maps = self.model.encode_images(pixels)  # (n, Q, D), [(n, C, H_l, W_l)]
@@ -365,6 +372,7 @@ class Generator:
             d.new_images += 1
             d.segments.append(Segment("image", image=tensor_to_image(pixels[n].cpu()), source="generated"))
             d.maps.append([m[n] for m in maps])
+            d.latest = pixels[n]
             # the <boi> was already fed: the chunk is the image's Q embeddings, then the prompt goes on
             d.chunk_ids = [self.sp.image] * self.Q
             d.chunk_images = [(0, embeds[n], d.last_fed)]

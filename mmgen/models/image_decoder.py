@@ -12,8 +12,10 @@ context replaces them with probability ``cfg_dropout`` in training and is the un
 branch of classifier-free guidance. At chosen down blocks the UNet feature map reads the
 multi-scale vision features of the previous images through MMFS, added through a
 zero-initialised 1×1 convolution (ControlNet style), by forward hooks on the down blocks —
-diffusers' code is used as it is; optionally (``model.mmfs.unet_global``) their pooled features
-also join the time embedding, a global condition. The hooks act only inside :meth:`ImageDecoder.image_context`.
+diffusers' code is used as it is. With ``model.mmfs.unet_previous_image`` the latest earlier image
+(in diffusion space) also joins the UNet's input channels, through input weights that start at
+zero (InstructPix2Pix's way of adding an image condition to a trained UNet): a flat background,
+which every local read and every normalised feature map lost, is then copied from the input. The hooks act only inside :meth:`ImageDecoder.image_context`.
 Both guidance branches see the previous images: guidance amplifies the text condition only.
 """
 
@@ -246,38 +248,16 @@ class UNetMMFS(nn.Module):
         return hidden, residuals[:-1] + (hidden,)
 
 
-class GlobalImageCondition(nn.Module):
-    """Previous images → one vector added to the UNet's time embedding (``model.mmfs.unet_global``).
-
-    The features of the visible previous images [(N, M, C_v, H_l, W_l)] per level are averaged
-    over space and over the visible images, concatenated over levels and mapped by a small MLP
-    whose last layer starts at zero (the UNet starts as it was). A forward hook on the UNet's
-    ``time_embedding`` adds the result, so every ResNet block reads it, as SDXL adds its pooled
-    text embedding.
-    """
-
-    def __init__(self, vision_dim: int, num_levels: int, embed_dim: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.LayerNorm(vision_dim * num_levels), nn.Linear(vision_dim * num_levels, embed_dim),
-                                 nn.SiLU(), nn.Linear(embed_dim, embed_dim))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-        self.state: torch.Tensor | None = None  # (B, embed_dim) inside ImageDecoder.image_context
-
-    def forward(self, prev_features: list[torch.Tensor], prev_visible: torch.Tensor) -> torch.Tensor:
-        """[(N, M, C_v, H_l, W_l)] per level, visible (N, M) bool → (N, embed_dim); zero for rows
-        that see no image."""
-        w = prev_visible.to(prev_features[0].dtype)  # (N, M)
-        count = w.sum(1, keepdim=True)  # (N, 1)
-        pooled = torch.cat([(f.mean(dim=(3, 4)) * w[..., None]).sum(1) for f in prev_features], dim=-1)  # (N, L·C_v)
-        out = self.mlp(pooled / count.clamp(min=1))  # (N, embed_dim)
-        return out * (count > 0)
-
-    def hook(self, module: nn.Module, args, output):
-        """Forward hook on the UNet's ``time_embedding``: (B, embed_dim) + the condition."""
-        if self.state is None:
-            return None
-        return output + self.state.to(output.dtype)
+def widen_conv_in(unet: UNet2DConditionModel, extra: int) -> None:
+    """Give the UNet ``extra`` more input channels whose weights start at zero (its output is unchanged)."""
+    old = unet.conv_in
+    new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new.to(old.weight.device, old.weight.dtype)
+    unet.register_to_config(in_channels=old.in_channels + extra)
 
 
 def _rename_perceiver_keys(state_dict, prefix, *args) -> None:
@@ -330,11 +310,6 @@ class ImageDecoder(nn.Module):
                 block = UNetMMFS(uc.block_out_channels[level], vision_dim, mmfs_cfg, num_levels, context_free)
                 self.mmfs_blocks[str(level)] = block
                 self.unet.down_blocks[level].register_forward_hook(block.hook)
-        self.global_condition: GlobalImageCondition | None = None
-        if mmfs_cfg.unet and mmfs_cfg.unet_global:
-            self.global_condition = GlobalImageCondition(vision_dim, num_levels,
-                                                         self.unet.time_embedding.linear_2.out_features)
-            self.unet.time_embedding.register_forward_hook(self.global_condition.hook)
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
         self.latent_channels = self.vae.config.latent_channels if self.vae else 3
         expected = self.latent_channels + (2 if cfg.coord_channels else 0)
@@ -342,6 +317,10 @@ class ImageDecoder(nn.Module):
             raise ValueError(f"the UNet takes {uc.in_channels} and gives {uc.out_channels} channels, but "
                              f"{'the VAE latents have' if self.vae else 'pixel-space diffusion needs'} "
                              f"{self.latent_channels}; check model.decoder.use_vae")
+        self.previous_image = bool(mmfs_cfg.unet and mmfs_cfg.unet_previous_image)
+        if self.previous_image:
+            widen_conv_in(self.unet, self.latent_channels)
+        self._previous: torch.Tensor | None = None  # (B, c, s, s) inside image_context
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -354,18 +333,21 @@ class ImageDecoder(nn.Module):
 
     @contextmanager
     def image_context(self, prev_features: list[torch.Tensor] | None, prev_visible: torch.Tensor | None,
-                      *, guidance_pairs: bool = False):
+                      *, prev_image: torch.Tensor | None = None, guidance_pairs: bool = False):
         """Let the MMFS hooks read previous images for the duration of a call.
 
         Args: prev_features [(N, M, C_v, H_l, W_l)] per level; prev_visible (N, M) bool;
         ``guidance_pairs``: the UNet batch is [null; cond] over the same latents (classifier-free
         guidance), twice the N rows given here; levels below the first cross-attention read the
-        previous images once for both halves, the others repeat them.
+        previous images once for both halves, the others repeat them. ``prev_image`` (N, 3, S', S')
+        in [-1, 1]: each row's latest earlier image (zeros where it has none), the UNet's extra input
+        channels with ``model.mmfs.unet_previous_image``.
         Without features (or with none visible) the hooks do nothing.
         """
-        glob = self.global_condition
-        active = (prev_features is not None and prev_visible is not None
-                  and (len(self.mmfs_blocks) > 0 or glob is not None)
+        if self.previous_image and prev_image is not None:
+            z = self.encode_condition(prev_image)
+            self._previous = z.repeat(2, 1, 1, 1) if guidance_pairs else z
+        active = (prev_features is not None and prev_visible is not None and len(self.mmfs_blocks) > 0
                   and prev_visible.shape[-1] > 0 and bool(prev_visible.any()))
         if active:
             for block in self.mmfs_blocks.values():
@@ -373,16 +355,12 @@ class ImageDecoder(nn.Module):
                 if guidance_pairs and not block.context_free:  # this level sees both halves
                     values, visible = [v.repeat(2, 1, 1, 1) for v in values], visible.repeat(2, 1)
                 block.state = (values, visible, guidance_pairs)
-            if glob is not None:
-                vector = glob(prev_features, prev_visible.bool())  # (N, D)
-                glob.state = vector.repeat(2, 1) if guidance_pairs else vector
         try:
             yield
         finally:
             for block in self.mmfs_blocks.values():
                 block.state = None
-            if glob is not None:
-                glob.state = None
+            self._previous = None
 
     def _coords(self, x: torch.Tensor) -> torch.Tensor:
         """Append x/y coordinate channels in [-1, 1]: (N, c, s, s) → (N, c+2, s, s)."""
@@ -398,6 +376,10 @@ class ImageDecoder(nn.Module):
         → prediction (N, c, s, s)."""
         if self.cfg.coord_channels:
             x = self._coords(x)
+        if self.previous_image:  # no earlier image: zeros, as the input weights started
+            prev = self._previous if self._previous is not None else x.new_zeros(
+                x.shape[0], self.latent_channels, *x.shape[2:])
+            x = torch.cat([x, prev.to(x.dtype)], dim=1)
         pooled = self.context_encoder.pool(context, context_mask).to(x.dtype) if self.cfg.pooled_context else None
         return self.unet(x, t, encoder_hidden_states=context.to(x.dtype), class_labels=pooled,
                          encoder_attention_mask=context_mask).sample
@@ -411,6 +393,22 @@ class ImageDecoder(nn.Module):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
+    def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
+        """Earlier images (N, 3, S', S') in [-1, 1], all-zero rows meaning none → diffusion space
+        (N, c, s, s), zero rows kept zero (the input weights of a previous image start at zero)."""
+        if images.shape[-1] != self.cfg.image_size:
+            images = torch.nn.functional.interpolate(images.float(), size=(self.cfg.image_size,) * 2,
+                                                     mode="bilinear", antialias=True, align_corners=False)
+        present = images.flatten(1).abs().amax(1) > 0  # (N,)
+        if self.vae is None:
+            z = images
+        else:  # the latents' mean: a condition, not a sample
+            with torch.no_grad():
+                z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            z = (z - shift) * self.vae.config.scaling_factor
+        return z * present.view(-1, 1, 1, 1).to(z.dtype)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion space (N, c, s, s) → images (N, 3, S, S) in [-1, 1]."""
         if self.vae is not None:
@@ -422,11 +420,12 @@ class ImageDecoder(nn.Module):
 
     def loss(self, x0: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None,
              prev_features: list[torch.Tensor] | None = None, prev_visible: torch.Tensor | None = None,
-             *, uncond: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             *, prev_image: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-image diffusion loss (N,).
 
         Args: x0 (N, 3, S, S) in [-1, 1]; context (N, T, llm_dim) with mask (N, T) (None: null);
-        prev_features/prev_visible as in :meth:`image_context`; ``uncond`` (N,) bool forces the
+        prev_features/prev_visible/prev_image as in :meth:`image_context`; ``uncond`` (N,) bool forces the
         null context on those rows (default: each row with probability ``cfg_dropout`` in training).
         """
         z0 = self.encode(x0)  # (N, c, s, s)
@@ -452,7 +451,7 @@ class ImageDecoder(nn.Module):
         else:
             cond, cond_mask = self.context_encoder(context, context_mask, drop=uncond.to(device))  # (N, K, X)
 
-        with self.image_context(prev_features, prev_visible):
+        with self.image_context(prev_features, prev_visible, prev_image=prev_image):
             pred = self.denoise(zt, t, cond, cond_mask)  # (N, c, s, s)
         mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (N,)
         if self.cfg.snr_gamma is None:
@@ -469,7 +468,7 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def sample(self, context: torch.Tensor | None, context_mask: torch.Tensor | None,
                prev_features: list[torch.Tensor] | None = None, prev_visible: torch.Tensor | None = None,
-               *, sampler: str = "dpm++", steps: int = 20, guidance: float = 2.5,
+               *, prev_image: torch.Tensor | None = None, sampler: str = "dpm++", steps: int = 20, guidance: float = 2.5,
                generator: torch.Generator | None = None, num_images: int | None = None,
                progress: bool = False) -> torch.Tensor:
         """Images (N, 3, S, S) in [-1, 1] from context (N, T, llm_dim) (None: unconditional)."""
@@ -496,7 +495,7 @@ class ImageDecoder(nn.Module):
                                device=device, dtype=dtype) * sched.init_noise_sigma
 
         # 4. denoise, with classifier-free guidance on a batch of [uncond; cond]
-        with self.image_context(prev_features, prev_visible, guidance_pairs=do_cfg):
+        with self.image_context(prev_features, prev_visible, prev_image=prev_image, guidance_pairs=do_cfg):
             for t in tqdm(sched.timesteps, desc="denoise", disable=not progress, leave=False):
                 inp = torch.cat([latents, latents]) if do_cfg else latents
                 inp = sched.scale_model_input(inp, t)

@@ -145,7 +145,9 @@ class MMInterleaved(nn.Module):
 
         Returns: context, mask, prev_features [(n, M', C, H_l, W_l)], prev_visible (n, M') — the
         images its ``<boi>`` sees (earlier images of its own document), compacted to the first M'
-        slots in their order (M' = the most any of them sees): MMFS cost grows with the slots.
+        slots in their order (M' = the most any of them sees): MMFS cost grows with the slots —,
+        and prev_image (n, 3, S, S): the latest of them (zeros for none), None unless the decoder
+        takes it (``model.mmfs.unet_previous_image``).
         """
         rows, boi = batch.image_row[which], batch.image_boi[which]  # (n,)
         index, mask = self.context_index(boi, batch.position_ids[rows, boi])  # (n, K)
@@ -154,8 +156,14 @@ class MMInterleaved(nn.Module):
         keep = max(1, int(visible.sum(1).max()))  # M'
         order = torch.sort((~visible).to(torch.uint8), dim=1, stable=True).indices[:, :keep]  # (n, M') visible first
         prev_visible = visible.gather(1, order)  # (n, M')
-        prev_features = self.row_features(maps, batch.row_images[rows].gather(1, order))  # [(n, M', C, H_l, W_l)]
-        return context, mask, prev_features, prev_visible
+        slots = batch.row_images[rows].gather(1, order)  # (n, M') image indices, visible first
+        prev_features = self.row_features(maps, slots)  # [(n, M', C, H_l, W_l)]
+        prev_image = None
+        if self.decoder.previous_image:
+            latest = slots[torch.arange(len(rows), device=slots.device), (prev_visible.sum(1) - 1).clamp(min=0)]
+            seen = prev_visible.any(1).view(-1, 1, 1, 1).to(batch.images.dtype)
+            prev_image = batch.images[latest.clamp(min=0)] * seen  # (n, 3, S, S)
+        return context, mask, prev_features, prev_visible, prev_image
 
     def image_losses(self, batch: Batch, hidden: torch.Tensor, maps: list[torch.Tensor],
                      limit: int | None = None) -> torch.Tensor:
@@ -165,8 +173,9 @@ class MMInterleaved(nn.Module):
             which = which[torch.randperm(which.numel(), device=which.device)[:limit]].sort().values
         if which.numel() == 0:
             return hidden.new_zeros(0)
-        context, mask, prev_features, prev_visible = self.image_conditions(batch, hidden, maps, which)
-        return self.decoder.loss(batch.images[which], context, mask, prev_features, prev_visible)
+        context, mask, prev_features, prev_visible, prev_image = self.image_conditions(batch, hidden, maps, which)
+        return self.decoder.loss(batch.images[which], context, mask, prev_features, prev_visible,
+                                 prev_image=prev_image)
 
     def forward(self, batch: Batch, *, image_loss_limit: int | None = None) -> dict[str, torch.Tensor]:
         """Losses of one packed batch; ``image_loss_limit`` caps the images the decoder trains on."""
@@ -269,13 +278,11 @@ class MMInterleaved(nn.Module):
     # --- freezing and optimiser groups -----------------------------------------------------------
 
     def groups(self) -> dict[str, list[nn.Module]]:
-        """The freeze groups: vision tower, LLM, synchronizers (MMFS, the UNet's global image condition,
-        resampler, contrastive head), decoder."""
+        """The freeze groups: vision tower, LLM, synchronizers (MMFS, resampler, contrastive head), decoder."""
         return {
             "vision": [self.vision],
             "llm": [self.llm.lm],
             "sync": [self.resampler, self.llm.mmfs, self.decoder.mmfs_blocks]
-            + ([self.decoder.global_condition] if self.decoder.global_condition is not None else [])
             + ([self.contrastive] if self.contrastive is not None else []),
             "decoder": [self.decoder.unet, self.decoder.context_encoder],
         }

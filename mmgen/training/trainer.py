@@ -107,7 +107,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     model = MMInterleaved(cfg, tokenizer)
     if init and main:
         new = _init_weights(model, init)
-        print(f"initialised from {init}" + (f"; {len(new)} tensors it lacks start fresh (e.g. {new[0]})" if new else ""))
+        print(f"initialised from {init}" + (f"; new in this config: {', '.join(new)}" if new else ""))
     elif init:
         _init_weights(model, init)
     optimizer = build_optimizer(model, tc)
@@ -293,7 +293,9 @@ def _init_weights(model: torch.nn.Module, folder: Path) -> list[str]:
     path = folder / WEIGHTS_NAME
     try:
         verify_checksum(folder, WEIGHTS_NAME)
-        result = model.load_state_dict(load_file(str(path)), strict=False)
+        state = load_file(str(path))
+        widened = _widen_inputs(model, state)
+        result = model.load_state_dict(state, strict=False)
     except ValueError as e:  # the recorded checksum differs
         raise TrainingError(f"train.init_from: {e}") from None
     except (SafetensorError, OSError) as e:
@@ -305,7 +307,23 @@ def _init_weights(model: torch.nn.Module, folder: Path) -> list[str]:
         raise TrainingError(f"train.init_from: {folder} holds {len(result.unexpected_keys)} tensors this config's "
                             f"model has not (e.g. {result.unexpected_keys[0]}); it was trained with another "
                             "model config")
-    return [k for k in result.missing_keys if k not in _buffers(model)]
+    return [k for k in result.missing_keys if k not in _buffers(model)] + widened
+
+
+def _widen_inputs(model: torch.nn.Module, state: dict) -> list[str]:
+    """The UNet's input convolution when the config adds input channels (``model.mmfs.unet_previous_image``):
+    the file's weights fill the first channels, the new ones start at zero. Returns what it widened."""
+    key = "decoder.unet.conv_in.weight"
+    here = dict(model.named_parameters()).get(key)
+    there = state.get(key)
+    if here is None or there is None or there.shape == here.shape:
+        return []
+    if there.shape[0] != here.shape[0] or there.shape[2:] != here.shape[2:] or there.shape[1] > here.shape[1]:
+        return []  # another shape altogether: load_state_dict names it
+    wide = torch.zeros(here.shape, dtype=there.dtype)
+    wide[:, :there.shape[1]] = there
+    state[key] = wide
+    return [f"{key} (input channels {there.shape[1]} → {here.shape[1]}, the new ones zero)"]
 
 
 def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
