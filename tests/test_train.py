@@ -116,7 +116,8 @@ def test_init_from_a_model_folder_widens_the_unet_input(tmp_path):
     """``train.init_from``: the weights of a trained model folder and a fresh schedule; the input
     channels ``model.mmfs.unet_previous_image`` adds start at zero, so the model starts as it was;
     a model folder of another shape is a clear error."""
-    train(tiny_config(tmp_path / "a", "train.steps=2", "train.save_every=2"), show_progress=False)
+    train(tiny_config(tmp_path / "a", "train.steps=2", "train.save_every=2", "model.mmfs.unet_previous_image=false"),
+          show_progress=False)
     source = tmp_path / "a" / "step-000002" / "model"
     before = load_file(source / "model.safetensors")
 
@@ -132,7 +133,8 @@ def test_init_from_a_model_folder_widens_the_unet_input(tmp_path):
     assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before if k != key)
     assert losses(tmp_path / "b")[0]["step"] == 1  # a run of its own: step 1, not 3
 
-    wider = tiny_config(tmp_path / "c", "train.steps=1", "model.llm.hidden_size=48", f"train.init_from={source}")
+    wider = tiny_config(tmp_path / "c", "train.steps=1", "model.llm.hidden_size=48", "model.mmfs.unet_previous_image=false",
+                        f"train.init_from={source}")
     with pytest.raises(TrainingError, match="does not fit the model"):
         train(wider, show_progress=False)
     with pytest.raises(TrainingError, match="not a model folder"):

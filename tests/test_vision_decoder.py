@@ -349,7 +349,7 @@ def test_ddim_does_not_clip_the_guided_x0(cfg):
 
 def test_coord_channels(cfg):
     dec = make_decoder(cfg, coord_channels=True)
-    assert dec.unet.config.in_channels == 5
+    assert dec.unet.config.in_channels == 5 + (3 if cfg.mmfs.unet_previous_image else 0)
     x0, context, mask, feats, visible = inputs(n=2)
     assert torch.isfinite(dec.loss(x0, context, mask, feats, visible)).all()
     assert dec.sample(context, mask, steps=2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
@@ -399,12 +399,19 @@ def test_pretrained_sd_folder(tmp_path, cfg):
     assert dec.prediction_type == "epsilon"  # the folder's scheduler decides
     assert dec.vae is not None and dec.vae_factor == 2 and dec.cross_dim == 32
     assert not any(p.requires_grad for p in dec.vae.parameters())
-    ref = UNet2DConditionModel.from_pretrained(tmp_path / "sd", subfolder="unet")
-    assert all(torch.equal(dec.unet.state_dict()[k], v) for k, v in ref.state_dict().items())
+    ref = UNet2DConditionModel.from_pretrained(tmp_path / "sd", subfolder="unet").state_dict()
+    mine = dec.unet.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in ref.items() if k != "conv_in.weight")
+    # the previous image's latents widen the input: the folder's weights, then zeros
+    assert dec.previous_image and mine["conv_in.weight"].shape[1] == 2 * ref["conv_in.weight"].shape[1]
+    assert torch.equal(mine["conv_in.weight"][:, :4], ref["conv_in.weight"])
+    assert mine["conv_in.weight"][:, 4:].abs().max() == 0
     x0, context, mask, feats, visible = inputs(n=2)
-    loss = dec.loss(x0, context, mask, feats, visible)
+    prev = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    loss = dec.loss(x0, context, mask, feats, visible, prev_image=prev)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
-    out = dec.sample(context, mask, feats, visible, steps=2, generator=torch.Generator().manual_seed(0))
+    out = dec.sample(context, mask, feats, visible, prev_image=prev, steps=2,
+                     generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 32, 32) and out.abs().max() <= 1
 
     with pytest.raises(ValueError, match="use_vae"):  # a latent UNet cannot diffuse pixels
