@@ -7,8 +7,9 @@ Measured in one run, side by side, with the same model:
     sequence at every step (no cache) vs the KV cache — time without / time with;
   * ``batch_speedup``: documents/s generating 16 story prompts at batch size 16 vs 1;
   * ``image_overhead``: our image step (context perceiver, guidance, MMFS reading the previous
-    image — and taking it as input channels where the model does —, vision encoding of the result) vs a bare diffusers loop with the same UNet,
-    scheduler and step count (guidance batch, no MMFS, no encoding) — our time / bare time;
+    image and, where the model takes it, the image as input channels, vision encoding of the
+    result) vs a bare diffusers loop with the same UNet, scheduler and step count (guidance
+    batch, no MMFS, no encoding) — our time / bare time;
   * ``story_seconds``: wall time of one 4-image story (free continuation of one sentence).
 The last line is JSON with those keys.
 """
@@ -87,6 +88,8 @@ def bare_diffusers(model, n: int, steps: int, guidance: float, sampler: str) -> 
         inp = sched.scale_model_input(torch.cat([x, x]), t)
         if dec.cfg.coord_channels:
             inp = dec._coords(inp)
+        if dec.previous_image:  # the UNet's input channels for an earlier image: none here
+            inp = torch.cat([inp, torch.zeros_like(inp[:, :dec.latent_channels])], dim=1)
         u, c = dec.unet(inp, t, encoder_hidden_states=cond).sample.chunk(2)
         x = sched.step(u + guidance * (c - u), t, x).prev_sample
     dec.decode(x)

@@ -14,8 +14,9 @@ multi-scale vision features of the previous images through MMFS, added through a
 zero-initialised 1×1 convolution (ControlNet style), by forward hooks on the down blocks —
 diffusers' code is used as it is. With ``model.mmfs.unet_previous_image`` the latest earlier image
 (in diffusion space) also joins the UNet's input channels, through input weights that start at
-zero (InstructPix2Pix's way of adding an image condition to a trained UNet): a flat background,
-which every local read and every normalised feature map lost, is then copied from the input. The hooks act only inside :meth:`ImageDecoder.image_context`.
+zero (InstructPix2Pix's way of adding an image condition to a trained UNet): the tiny UNet did not
+carry a flat background over through MMFS alone, and copies it from its input. The hooks act only
+inside :meth:`ImageDecoder.image_context`.
 Both guidance branches see the previous images: guidance amplifies the text condition only.
 """
 
@@ -425,8 +426,8 @@ class ImageDecoder(nn.Module):
         """Per-image diffusion loss (N,).
 
         Args: x0 (N, 3, S, S) in [-1, 1]; context (N, T, llm_dim) with mask (N, T) (None: null);
-        prev_features/prev_visible/prev_image as in :meth:`image_context`; ``uncond`` (N,) bool forces the
-        null context on those rows (default: each row with probability ``cfg_dropout`` in training).
+        prev_features/prev_visible/prev_image as in :meth:`image_context`; ``uncond`` (N,) bool
+        forces the null context on those rows (default: each row with probability ``cfg_dropout`` in training).
         """
         z0 = self.encode(x0)  # (N, c, s, s)
         N, device = z0.shape[0], z0.device
@@ -468,8 +469,8 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def sample(self, context: torch.Tensor | None, context_mask: torch.Tensor | None,
                prev_features: list[torch.Tensor] | None = None, prev_visible: torch.Tensor | None = None,
-               *, prev_image: torch.Tensor | None = None, sampler: str = "dpm++", steps: int = 20, guidance: float = 2.5,
-               generator: torch.Generator | None = None, num_images: int | None = None,
+               *, prev_image: torch.Tensor | None = None, sampler: str = "dpm++", steps: int = 20,
+               guidance: float = 2.5, generator: torch.Generator | None = None, num_images: int | None = None,
                progress: bool = False) -> torch.Tensor:
         """Images (N, 3, S, S) in [-1, 1] from context (N, T, llm_dim) (None: unconditional)."""
         device = next(self.unet.parameters()).device

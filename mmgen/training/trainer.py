@@ -284,7 +284,8 @@ def _init_tokenizer(folder: Path):
 
 def _init_weights(model: torch.nn.Module, folder: Path) -> list[str]:
     """Load ``folder``'s weights into ``model`` for ``train.init_from``; returns the model's tensors the
-    file lacks (they keep their initialisation). Tensors of another shape, or not in the model, are an error."""
+    file lacks (they keep their initialisation) and the widened UNet input. Other tensors of another
+    shape, or not in the model, are an error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
