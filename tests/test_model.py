@@ -130,6 +130,17 @@ def test_context_index():
     assert mask.sum(1).tolist() == [4, 4]
 
 
+def hidden_states(model, batch):
+    """The LLM's last hidden states (B, T, D) and the vision maps of a batch, as ``forward`` computes them."""
+    with torch.no_grad():
+        embeds, maps = model.encode_images(batch.images)
+        h = model.llm(inputs_embeds=model.embed(batch.input_ids, embeds, batch.image_row, batch.image_positions),
+                      segment_ids=batch.segment_ids, position_ids=batch.position_ids,
+                      image_features=model.row_features(maps, batch.row_images),
+                      visible=batch.visible).last_hidden_state
+    return h, maps
+
+
 def test_image_conditions_ignore_other_documents(tiny):
     """An image's decoder inputs depend on its own document only, not on documents packed beside it."""
     model, _, _ = tiny
@@ -139,12 +150,7 @@ def test_image_conditions_ignore_other_documents(tiny):
     n0 = sum(seg.type == "image" for seg in docs[0].segments)
     conds = []
     for batch in (collator([docs[0]]), collator([docs[1], docs[0]])):
-        with torch.no_grad():
-            embeds, maps = model.encode_images(batch.images)
-            h = model.llm(inputs_embeds=model.embed(batch.input_ids, embeds, batch.image_row, batch.image_positions),
-                          segment_ids=batch.segment_ids, position_ids=batch.position_ids,
-                          image_features=model.row_features(maps, batch.row_images),
-                          visible=batch.visible).last_hidden_state
+        h, maps = hidden_states(model, batch)
         which = (batch.image_row == 0).nonzero().squeeze(-1)[-n0:]  # docs[0]'s images
         conds.append((batch, model.image_conditions(batch, h, maps, which)))
     (alone, (c1, m1, f1, v1, p1)), (packed, (c2, m2, f2, v2, p2)) = conds
@@ -167,12 +173,7 @@ def test_previous_image_is_the_latest_earlier_image_of_its_own_document():
     docs = list(itertools.islice(stream_stories(3, size=32), 2))
     batch = collator([docs[1], docs[0]])
     assert batch.input_ids.shape[0] == 1 and len(batch.doc_ids[0]) == 2
-    with torch.no_grad():
-        embeds, maps = model.encode_images(batch.images)
-        h = model.llm(inputs_embeds=model.embed(batch.input_ids, embeds, batch.image_row, batch.image_positions),
-                      segment_ids=batch.segment_ids, position_ids=batch.position_ids,
-                      image_features=model.row_features(maps, batch.row_images),
-                      visible=batch.visible).last_hidden_state
+    h, maps = hidden_states(model, batch)
     which = torch.arange(batch.num_images)
     prev = model.image_conditions(batch, h, maps, which)[4]
     first = sum(seg.type == "image" for seg in docs[1].segments)  # images of the first packed document

@@ -385,12 +385,14 @@ class ImageDecoder(nn.Module):
         return self.unet(x, t, encoder_hidden_states=context.to(x.dtype), class_labels=pooled,
                          encoder_attention_mask=context_mask).sample
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, S, S) in [-1, 1] → diffusion space (N, c, s, s)."""
+    def encode(self, images: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
+        """Images (N, 3, S, S) in [-1, 1] → diffusion space (N, c, s, s); ``mean``: the VAE latents'
+        mean rather than a sample (for a condition)."""
         if self.vae is None:
             return images
         with torch.no_grad():
-            z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+            z = dist.mode() if mean else dist.sample()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
@@ -401,13 +403,7 @@ class ImageDecoder(nn.Module):
             images = torch.nn.functional.interpolate(images.float(), size=(self.cfg.image_size,) * 2,
                                                      mode="bilinear", antialias=True, align_corners=False)
         present = images.flatten(1).abs().amax(1) > 0  # (N,)
-        if self.vae is None:
-            z = images
-        else:  # the latents' mean: a condition, not a sample
-            with torch.no_grad():
-                z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            z = (z - shift) * self.vae.config.scaling_factor
+        z = self.encode(images, mean=True)  # a condition: the latents' mean, not a sample
         return z * present.view(-1, 1, 1, 1).to(z.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -105,11 +105,10 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
         tokenizer = build_tokenizer(cfg)
     torch.manual_seed(tc.seed)
     model = MMInterleaved(cfg, tokenizer)
-    if init and main:
+    if init:
         new = _init_weights(model, init)
-        print(f"initialised from {init}" + (f"; new in this config: {', '.join(new)}" if new else ""))
-    elif init:
-        _init_weights(model, init)
+        if main:
+            print(f"initialised from {init}" + (f"; new in this config: {', '.join(new)}" if new else ""))
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
