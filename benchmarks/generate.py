@@ -6,7 +6,7 @@ Measured in one run, side by side, with the same model:
   * ``kv_cache_speedup``: greedy decoding of 256 new tokens, the LLM re-run over the whole
     sequence at every step (no cache) vs the KV cache — time without / time with;
   * ``kv_cache_speedup_wide``: the same with a randomly initialised LLM of the same architecture
-    and MMFS layers at 512 wide × 8 layers (~25M parameters, untrained: only its speed means
+    and MMFS layers at 512 wide × 8 layers (26.5M parameters, untrained: only its speed means
     anything), where recomputing the prefix costs compute rather than per-call overhead;
   * ``batch_speedup``: documents/s generating 16 story prompts at batch size 16 vs 1;
   * ``image_overhead``: our image step (context perceiver, guidance, MMFS reading the previous
