@@ -68,9 +68,29 @@ def test_story_follows_the_sentences():
     doc = answered(p, gen_image(f), Segment("text", text=f"The {f['shape']} turns {new_colour}.", source="generated"),
                    gen_image({**f, "colour": new_colour}), Segment("text", text="Nonsense here.", source="generated"),
                    gen_image(f))  # the last image ignores the change: wrong
-    s = score_story(doc, truth).scores
+    sample = score_story(doc, truth)
+    s = sample.scores
     assert s["images"] == 3 and s["image_match"] == pytest.approx(2 / 3, abs=1e-3)
-    assert s["sentences"] == 2 and s["grammar"] == 0.5 and s["background"] == 1.0
+    assert s["sentences"] == 2 and s["grammar"] == 0.5 and s["changes"] == 0.5
+    assert s["later_images"] == 2 and s["background"] == 1.0
+    assert sample.text == f"[image] / The {f['shape']} turns {new_colour}. / [image] / Nonsense here. / [image]"
+
+
+def test_story_scores_an_introduction_and_keeps_the_first_background():
+    """A new introduction mid-story sets the object its image is read against (the grammar allows
+    it, but it is no change); the background is the first generated image's, which no sentence
+    names: the prompt's hidden one does not count."""
+    (p,) = eval_prompts("story", 1, 0, 32)
+    truth = p.meta["shapes"]
+    f = {**truth["frames"][0], "background": "mint" if truth["frames"][0]["background"] != "mint" else "gray"}
+    other = {**f, "shape": "square" if f["shape"] != "square" else "circle", "size": "large", "position": "center"}
+    intro = f"A large {other['colour']} {other['shape']} is in the center."
+    wrong_bg = {**other, "background": "gray" if f["background"] != "gray" else "sky"}
+    doc = answered(p, gen_image(f), Segment("text", text=intro, source="generated"), gen_image(other),
+                   Segment("text", text=intro, source="generated"), gen_image(wrong_bg))
+    s = score_story(doc, truth).scores
+    assert s["image_match"] == 1.0 and s["grammar"] == 1.0 and s["changes"] == 0.0
+    assert s["later_images"] == 2 and s["background"] == 0.5
 
 
 def test_eval_command_writes_metrics_with_settings_and_a_report(tmp_path, checkpoint):  # noqa: F811

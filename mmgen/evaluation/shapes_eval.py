@@ -85,25 +85,36 @@ def score_continuation(doc: Document, truth: dict) -> Sample:
 
 
 def score_story(doc: Document, truth: dict) -> Sample:
-    """Images against the state their preceding sentences describe; sentences against the grammar."""
+    """Each generated image against the state its preceding sentences describe (an introduction
+    sets the object, a change one attribute); each generated sentence against the grammar
+    (``grammar``: any ShapeStories sentence; ``changes``: a change sentence, what a story goes on
+    with); each image after the first against the first one's background (no sentence names it)."""
     state = dict(truth["frames"][0])
-    image_ok, grammar_ok, background_ok = [], [], []
+    image_ok, grammar_ok, change_ok, background_ok = [], [], [], []
+    first_background = None
     for seg in doc.segments:
         if seg.source != "generated":
             continue
         if seg.type == "text" and seg.text:
             for sentence in _SENTENCE_END.split(seg.text.strip()):
                 parsed = parse_sentence(sentence)
-                grammar_ok.append(parsed is not None and (parsed["kind"] == "change"))
-                if parsed is not None and parsed["kind"] == "change":
+                grammar_ok.append(parsed is not None)
+                change_ok.append(parsed is not None and parsed["kind"] == "change")
+                if parsed is not None:
                     state = apply_change(state, parsed)
         elif seg.type == "image" and seg.image is not None:
             read = read_image(seg.image)
             image_ok.append(score_attributes(read, state)["joint"])
-            background_ok.append(bool(read) and read.get("background") == state["background"])
-    scores = {"image_match": _mean(image_ok), "grammar": _mean(grammar_ok), "background": _mean(background_ok),
-              "images": len(image_ok), "sentences": len(grammar_ok)}
-    return Sample("story", doc.id, doc, truth["frames"][0], None, scores)
+            background = read.get("background") if read else None
+            if len(image_ok) == 1:
+                first_background = background
+            else:
+                background_ok.append(background is not None and background == first_background)
+    scores = {"image_match": _mean(image_ok), "grammar": _mean(grammar_ok), "changes": _mean(change_ok),
+              "background": _mean(background_ok), "images": len(image_ok), "later_images": len(background_ok),
+              "sentences": len(grammar_ok)}
+    told = " / ".join(seg.text or "[image]" for seg in doc.segments if seg.source == "generated")
+    return Sample("story", doc.id, doc, truth["frames"][0], None, scores, text=told)
 
 
 SCORERS = {"t2i": score_t2i, "caption": score_caption, "continuation": score_continuation, "story": score_story}
@@ -136,7 +147,8 @@ def evaluate(model, tasks: list[str], *, n: int = 64, seed: int = 0, settings: d
         samples.sort(key=lambda x: x.id)
         if task == "story":
             metrics = {k: round(sum(x.scores[k] * x.scores[w] for x in samples) / max(1, sum(x.scores[w] for x in samples)), 4)
-                       for k, w in (("image_match", "images"), ("background", "images"), ("grammar", "sentences"))}
+                       for k, w in (("image_match", "images"), ("background", "later_images"),
+                                    ("grammar", "sentences"), ("changes", "sentences"))}
             metrics["images_per_story"] = round(sum(x.scores["images"] for x in samples) / max(1, len(samples)), 3)
         else:
             keys = (*ATTRIBUTES, "joint") + (("background",) if task == "continuation" else ()) \
