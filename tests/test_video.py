@@ -6,6 +6,9 @@ import io
 import itertools
 import json
 import random
+import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +231,17 @@ def test_a_damaged_mp4_gives_a_readable_error_naming_the_file(tmp_path):
     assert str(e.value).endswith(str(bad))
     n, problems = validate_files([corpus])
     assert n == 1 and len(problems) == 1 and str(bad) in str(problems[0])
+
+
+def test_decord_problems_read_the_same_at_every_call(tmp_path):
+    """decord starts its messages with the time of day and a C++ source line; a problem is shown
+    by `data validate` and the reader separately, so it must not carry either."""
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # a PNG claiming 10**10 pixels
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                     + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    with pytest.raises(DocumentError) as e:
+        load_video_frames(bomb, frames=2)
+    message = str(e.value)
+    assert message.startswith(f"{bomb}: decord cannot open the video (") and "Check failed" in message
+    assert not re.search(r"\d\d:\d\d:\d\d|\.(cc|h):\d+", message), message

@@ -8,6 +8,7 @@ imported only when a video is read.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,21 @@ def _open_video(path: Path) -> Any:
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
     except Exception as e:
-        text = " ".join(str(e).split())
-        reason = text.rsplit(", ", 1)[-1] if "ERROR opening" in text else text[:200]
+        text = _decord_reason(e)
+        reason = text.rsplit(", ", 1)[-1] if "ERROR opening" in text else text
         raise _MediaError(f"decord cannot open the video ({reason})") from None
     if len(reader) == 0:
         raise _MediaError("video has no frames")
     return reader
+
+
+_DECORD_NOISE = re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*|\S+\.(?:cc|cpp|h):\d+:\s*")
+
+
+def _decord_reason(e: Exception) -> str:
+    """decord's message on one line, without its clock time and C++ source locations (the same
+    problem reads the same at every call), at most 200 characters."""
+    return _DECORD_NOISE.sub("", " ".join(str(e).split()))[:200]
 
 
 def frame_indices(num_frames: int, *, frames: int | None = None, fps: float | None = None,
@@ -105,7 +115,7 @@ def _video_frames(path: Path, frames: int | None, fps: float | None,
         try:  # decord 0.6 fails batches at some widths (48, 72 px): read frame by frame instead
             arrays = [_unpad(reader[i]) for i in indices]
         except Exception:
-            raise _MediaError(f"decord cannot decode the video frames ({' '.join(str(e).split())[:200]})") from None
+            raise _MediaError(f"decord cannot decode the video frames ({_decord_reason(e)})") from None
     return [Image.fromarray(a).convert("RGB") for a in arrays]
 
 
