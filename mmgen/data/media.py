@@ -45,6 +45,15 @@ def _open_image(path: Path, *, convert: bool = True) -> Image.Image:
         raise _MediaError(f"corrupt image ({e})") from None
 
 
+_DECORD_NOISE = re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*|\S+\.(?:cc|cpp|h):\d+:\s*")
+
+
+def _decord_reason(e: Exception) -> str:
+    """decord's message on one line, without its clock time and C++ source locations (the same
+    problem reads the same at every call), at most 200 characters."""
+    return _DECORD_NOISE.sub("", " ".join(str(e).split()))[:200]
+
+
 def _open_video(path: Path) -> Any:
     problem = file_problem(path)
     if problem:
@@ -63,15 +72,6 @@ def _open_video(path: Path) -> Any:
     if len(reader) == 0:
         raise _MediaError("video has no frames")
     return reader
-
-
-_DECORD_NOISE = re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*|\S+\.(?:cc|cpp|h):\d+:\s*")
-
-
-def _decord_reason(e: Exception) -> str:
-    """decord's message on one line, without its clock time and C++ source locations (the same
-    problem reads the same at every call), at most 200 characters."""
-    return _DECORD_NOISE.sub("", " ".join(str(e).split()))[:200]
 
 
 def frame_indices(num_frames: int, *, frames: int | None = None, fps: float | None = None,
