@@ -8,7 +8,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .shapes_eval import Sample, TaskResult
+from .shapes_eval import Sample, TaskResult, in_words
 
 RIGHT, WRONG = (40, 170, 70), (220, 40, 40)
 
@@ -60,7 +60,7 @@ def write_report(out: Path, results: dict[str, TaskResult], settings: dict[str, 
         if grid is not None:
             lines += [f"![{task} samples: green right, red wrong]({grid.name})", ""]
         for s in r.samples[:examples]:
-            prompt = " / ".join(seg.text or "[image]" for seg in s.document.segments if seg.source == "prompt")
+            prompt = in_words(s.document, "prompt")
             mark = "right" if s.scores.get("joint", s.scores.get("image_match") == 1) else "wrong"
             detail = s.text if s.text is not None else (json.dumps(s.read) if s.read else "")
             lines.append(f"- {mark}: `{s.id}` prompt: {prompt} → {detail}")

@@ -84,6 +84,12 @@ def score_continuation(doc: Document, truth: dict) -> Sample:
     return Sample("continuation", doc.id, doc, second, read, scores)
 
 
+def in_words(doc: Document, source: str) -> str:
+    """The ``source`` ("prompt" or "generated") segments of ``doc`` in reading order, images as
+    ``[image]``, joined by " / "."""
+    return " / ".join(seg.text or "[image]" for seg in doc.segments if seg.source == source)
+
+
 def score_story(doc: Document, truth: dict) -> Sample:
     """Each generated image against the state its preceding sentences describe (an introduction
     sets the object, a change one attribute); each generated sentence against the grammar
@@ -113,8 +119,7 @@ def score_story(doc: Document, truth: dict) -> Sample:
     scores = {"image_match": _mean(image_ok), "grammar": _mean(grammar_ok), "changes": _mean(change_ok),
               "background": _mean(background_ok), "images": len(image_ok), "later_images": len(background_ok),
               "sentences": len(grammar_ok)}
-    told = " / ".join(seg.text or "[image]" for seg in doc.segments if seg.source == "generated")
-    return Sample("story", doc.id, doc, truth["frames"][0], None, scores, text=told)
+    return Sample("story", doc.id, doc, truth["frames"][0], None, scores, text=in_words(doc, "generated"))
 
 
 SCORERS = {"t2i": score_t2i, "caption": score_caption, "continuation": score_continuation, "story": score_story}
