@@ -107,7 +107,7 @@ class LLMConfig:
 
 @dataclass
 class MMFSConfig:
-    """Multi-image feature synchronizer (DESIGN.md §5)."""
+    """Multi-image feature synchronizer (docs/DESIGN.md §5)."""
 
     llm: bool = True  # MMFS layers inside the LLM
     unet: bool = True  # MMFS blocks inside the UNet
@@ -239,7 +239,7 @@ class DataConfig:
 @dataclass
 class LossWeights:
     text: float = 1.0
-    image: float = 10.0  # λ in DESIGN.md §7 (reference: 10)
+    image: float = 10.0  # λ in docs/DESIGN.md §7 (reference: 10)
     contrastive: float = 0.0
 
 
@@ -308,7 +308,7 @@ class GenerateConfig:
 
 @dataclass
 class AlignConfig:
-    """COSMOS alignment stage (`mmgen train --stage align`, DESIGN.md §8).
+    """COSMOS alignment stage (`mmgen train --stage align`, docs/DESIGN.md §8).
 
     Trains the vision tower (``model.vision``) and a tiny CLIP text encoder with an image-text
     contrastive loss plus cross-modality self-distillation from an EMA teacher. The optimiser

@@ -44,7 +44,7 @@ def bilinear(img, x, y):
 
 
 def reference(m, query, feats, visible, ref_points=None):
-    """One query, image, level, head and point at a time, straight from DESIGN.md §5."""
+    """One query, image, level, head and point at a time, straight from docs/DESIGN.md §5."""
     Dh = D // H
     out = torch.zeros(B, Q, C, dtype=query.dtype)
     for b in range(B):

@@ -1,6 +1,6 @@
 """Documents → token sequences → packed rows → one :class:`Batch` the model consumes.
 
-Sequence of one document (DESIGN.md §3)::
+Sequence of one document (docs/DESIGN.md §3)::
 
     <bos> text tokens … <boi> <image>×Q  text tokens … <boi> <image>×Q … <eod>
 

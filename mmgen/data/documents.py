@@ -1,4 +1,4 @@
-"""Interleaved documents: the one JSONL format for data, prompts and results (DOCUMENTS.md).
+"""Interleaved documents: the one JSONL format for data, prompts and results (docs/DOCUMENTS.md).
 
 A :class:`Document` is an id, a list of :class:`Segment` (text, image or video) and free-form
 ``meta``. A segment with no content is a placeholder: a place for generation to fill.

@@ -1,6 +1,6 @@
 """ShapeStories v1: procedurally generated illustrated stories, and their exact reader.
 
-The contract lives in ``shared/SHAPESTORIES.md``; in short:
+The contract lives in ``docs/SHAPESTORIES.md``; in short:
 
 - Images: square RGB canvas of side W (canonical 64, any W >= 32; lengths scale by W/64).
   Flat background (gray, cream, sky, mint; never named in text) and one flat object:

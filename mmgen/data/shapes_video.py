@@ -3,7 +3,7 @@
 A story's 2-4 states (the frames of :mod:`mmgen.data.shapes`) become one clip in which the
 object slides between positions and morphs its size, colour and shape through in-between
 frames; the background stays fixed. Every state is *held* long enough that both ways a
-document can sample a video (DOCUMENTS.md) land on it exactly:
+document can sample a video (docs/DOCUMENTS.md) land on it exactly:
 
 - the clip has ``F`` frames per state (default 8) at 8 fps, ``N = n * F`` frames in all;
 - frames ``k*F .. k*F + F//2`` show state ``k`` exactly as :func:`~mmgen.data.shapes.render_array`

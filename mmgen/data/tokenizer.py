@@ -1,6 +1,6 @@
 """Tokenizers: a small byte-level BPE trained on the corpus, or a local Hugging Face one.
 
-Every tokenizer the project uses carries three special tokens of its own (DESIGN.md §3):
+Every tokenizer the project uses carries three special tokens of its own (docs/DESIGN.md §3):
 
 - ``<boi>``   begin of image; also how the LLM asks for an image at generation time;
 - ``<image>`` placeholder, replaced by the resampler's outputs (one per query);
@@ -69,7 +69,7 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# ShapeStories text: the whole sentence grammar of SHAPESTORIES.md
+# ShapeStories text: the whole sentence grammar of docs/SHAPESTORIES.md
 
 
 SIZES = ("small", "large")

@@ -1,4 +1,4 @@
-"""ShapeStories evaluation (SHAPESTORIES.md "Evaluation tasks"), scored with the library's reader.
+"""ShapeStories evaluation (docs/SHAPESTORIES.md "Evaluation tasks"), scored with the library's reader.
 
 - ``t2i``: intro sentence → image; per attribute and joint.
 - ``caption``: image → intro sentence, parsed; per attribute and joint.

@@ -1,4 +1,4 @@
-"""Interleaved generation: prompts → illustrated documents (DESIGN.md "Generation facts").
+"""Interleaved generation: prompts → illustrated documents (docs/DESIGN.md "The generation loop").
 
 The loop, for a batch of prompts that share one KV cache (rows = documents):
 1. each document feeds its next chunk — the prompt prefix, a sampled token, or a new image's

@@ -1,4 +1,4 @@
-"""Writing generated documents (DOCUMENTS.md, "What `mmgen generate` writes").
+"""Writing generated documents (docs/DOCUMENTS.md, "What `mmgen generate` writes").
 
 For each document, under ``OUT/<id>/``: ``document.json`` (segments marked ``prompt`` or
 ``generated``, image paths relative to the folder, settings and timings in ``meta``),

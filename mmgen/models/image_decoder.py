@@ -4,7 +4,7 @@ Shape legend: N images to decode, T context tokens (LLM hidden states), K percei
 tokens, X cross-attention width, M previous-image slots, L vision levels, C UNet channels,
 S image side, s latent side (S in pixel space).
 
-DESIGN.md §6: the LLM hidden states of an image's context (document start … its ``<boi>``)
+docs/DESIGN.md §6: the LLM hidden states of an image's context (document start … its ``<boi>``)
 reach the UNet's cross-attention through a context encoder — a small perceiver to K tokens
 (the reference) or a per-token projection with a padding mask (``context_encoder: tokens``,
 which the tiny model needs to read single words); a learned null

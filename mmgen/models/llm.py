@@ -1,4 +1,4 @@
-"""The causal LM and its MMFS layers (DESIGN.md §4).
+"""The causal LM and its MMFS layers (docs/DESIGN.md §4).
 
 ``build_llm`` makes a Hugging Face causal LM (a local folder, or a tiny one built from
 ``LLMConfig``); ``MMFSLanguageModel`` wraps any such decoder-only LM and adds an MMFS branch

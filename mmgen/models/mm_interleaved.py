@@ -4,7 +4,7 @@ Shape legend: B rows, T tokens, N images in the batch, n images with an image lo
 placeholders per image, D LLM width, C vision width, M image slots per row, L levels,
 K context length (longest document prefix up to an image's ``<boi>``).
 
-One training step (DESIGN.md §1–§7):
+One training step (docs/DESIGN.md §1–§7):
 1. every image → vision tokens (N, 1+G², C) and multi-scale maps [(N, C, H_l, W_l)];
 2. the resampler turns the tokens into Q embeddings that replace the image's placeholders;
 3. the LLM (with MMFS reading each row's image slots) gives logits and last hidden states;

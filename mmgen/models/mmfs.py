@@ -1,6 +1,6 @@
 """Multi-image feature synchronizer (MMFS): multi-scale, multi-image deformable attention.
 
-DESIGN.md §5. Every query reads a few bilinearly sampled points from the multi-scale feature
+docs/DESIGN.md §5. Every query reads a few bilinearly sampled points from the multi-scale feature
 maps of the images it may see, Deformable-DETR style, instead of attending to every image
 token. Pure PyTorch (``F.grid_sample``), so it runs on CPU and GPU alike.
 

@@ -4,7 +4,7 @@ Shape legend: N items (images or contexts), T input tokens, Q learned queries, D
 
 Each layer is pre-norm cross-attention in which the queries attend to the concatenation
 [inputs; queries] (Flamingo's perceiver resampler), followed by a pre-norm MLP. The same
-module serves the image resampler (vision tokens → LLM placeholder embeddings, DESIGN.md §2)
+module serves the image resampler (vision tokens → LLM placeholder embeddings, docs/DESIGN.md §2)
 and the decoder's context perceiver (LLM hidden states → UNet context, §6).
 """
 

@@ -5,7 +5,7 @@ Shape legend: N images, S input size, G patch grid side, C tower width, L featur
 The tower is a local ``CLIPVisionModel`` folder (real configs) or a tiny random one built
 from :class:`~mmgen.config.VisionConfig` (default). Its output feeds two consumers:
 the resampler reads the token sequence of the last layer, the synchronizers (MMFS) read
-feature maps taken from ``feature_layers`` and resized by ``feature_scales`` (DESIGN.md §1).
+feature maps taken from ``feature_layers`` and resized by ``feature_scales`` (docs/DESIGN.md §1).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Sources (``data.sources``):
   2-4 per document, sentence first with probability 0.75 (``mmgen.data.shapes.make_pairs``);
 - ``shapes_video``: ShapeStories told as text and a clip (``mmgen.data.shapes_video``), the
   clip's key frames rendered on the fly in memory, no MP4 written;
-- ``jsonl``: a JSONL file of documents, or a folder of them (DOCUMENTS.md);
+- ``jsonl``: a JSONL file of documents, or a folder of them (docs/DOCUMENTS.md);
 - ``pairs``: image–caption pairs, either as two-segment documents or as compact
   ``{"image": PATH, "caption": TEXT}`` lines; each is shown in a random order (text then
   image trains drawing, image then text trains captioning).

@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and EMA (DESIGN.md "Training facts").
+"""Optimiser, learning-rate schedule and EMA (docs/DESIGN.md "The training recipe").
 
 The parameter groups come from the model (``MMInterleaved.param_groups``): new modules train
 at ``train.lr``, pretrained components and MMFS sampling offsets at ``train.lr_pretrained``,
