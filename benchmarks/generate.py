@@ -64,11 +64,11 @@ def decode(llm, start: int, n_new: int, *, cache: bool) -> None:
     if cache:
         kv = DynamicCache(config=llm.lm.config)
         mask = torch.ones(1, 1, dtype=torch.long, device=dev)
-        out = llm(input_ids=ids, attention_mask=mask, past_key_values=kv, use_cache=True)
+        out = llm(input_ids=ids, attention_mask=mask, cache=kv, use_cache=True)
         for _ in range(n_new):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, mask[:, :1]], dim=1)
-            out = llm(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            out = llm(input_ids=nxt, attention_mask=mask, cache=out.cache, use_cache=True)
     else:
         seq = ids
         for _ in range(n_new):

@@ -183,11 +183,11 @@ def test_kv_cache_matches_full_forward(arch):
         full = model(ids, attention_mask=mask, image_values=values, visible=vis).logits
         cache = DynamicCache(config=model.config)
         out = model(ids[:, :T0], attention_mask=mask[:, :T0], image_values=values, visible=vis[:, :T0],
-                    past_key_values=cache, use_cache=True)
+                    cache=cache, use_cache=True)
         steps = [out.logits[:, -1]]
         for t in range(T0, T):
             out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], image_values=values,
-                        visible=vis[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                        visible=vis[:, t:t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits[:, -1])
         unpadded = model(ids[1:, 2:], image_features=[f[1:] for f in feats],
                          visible=vis[1:, 2:]).logits

@@ -11,7 +11,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmgen.config import DecoderConfig, VisionConfig, load_config
-from mmgen.models.image_decoder import SAMPLERS, ImageDecoder
+from mmgen.models.image_decoder import ImageDecoder
+from mmgen.models.samplers import SAMPLERS
 from mmgen.models.resampler import Resampler
 from mmgen.models.vision import VisionEncoder
 
@@ -372,6 +373,35 @@ def test_pretrained_vision_folder(tmp_path, vision):
     assert all(torch.equal(loaded[k], v) for k, v in tower.state_dict().items())
     with pytest.raises(FileNotFoundError, match="model.vision.pretrained"):
         VisionEncoder(VisionConfig(pretrained=str(tmp_path / "missing")))
+
+
+def test_full_clip_folder_loads_quietly_with_one_line(tmp_path, capfd, caplog):
+    """A CLIPModel folder (text tower too): the vision weights load exactly; one log line, no table."""
+    from transformers import CLIPConfig, CLIPModel
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    full = CLIPModel(CLIPConfig(text_config=small, vision_config=dict(small, image_size=32, patch_size=8),
+                                projection_dim=16))
+    full.save_pretrained(tmp_path / "clip", safe_serialization=True)
+    capfd.readouterr()
+    with caplog.at_level("INFO", logger="mmgen.models.vision"):
+        enc = VisionEncoder(VisionConfig(pretrained=str(tmp_path / "clip"), feature_layers=[-1]))
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.out + printed.err and "UNEXPECTED" not in printed.out + printed.err
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmgen.models.vision"]
+    assert len(lines) == 1 and "skipped" in lines[0] and "text_model" in lines[0], lines
+    want = full.vision_model.state_dict()
+    got = enc.tower.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_vision_folder_missing_weights_is_an_error(tmp_path):
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64))
+    state = {k: v for k, v in tower.state_dict().items() if "layers.1." not in k}
+    tower.save_pretrained(tmp_path / "clip", state_dict=state, safe_serialization=True)
+    with pytest.raises(ValueError, match="missing or of another shape"):
+        VisionEncoder(VisionConfig(pretrained=str(tmp_path / "clip")))
 
 
 def save_sd_folder(folder, *, prediction_type="epsilon"):

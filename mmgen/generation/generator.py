@@ -217,10 +217,10 @@ class Generator:
             has_images = any(d.maps for d in rows)
             if has_images and key != values_key:  # the slots change only when an image is added
                 values, values_key = self.model.llm.prepare_image_values(self._slots(rows)[0]), key
-            out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
+            out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True,
                                  image_values=values if has_images else None,
                                  visible=self._visible(rows, past, L) if has_images else None)
-            cache = out.past_key_values
+            cache = out.cache
             last = new_mask.sum(1) - 1  # (B,) index of each row's last real token in the chunk
             logits = out.logits[torch.arange(B), last].float()  # (B, V)
             context = self.model.decoder_context(out, ids)  # (B, L, D')

@@ -23,6 +23,7 @@ Shapes: B batch, T query tokens, S key tokens (past + T), D LM width, M image sl
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,7 +209,7 @@ class _ImageContext:
 class LMOutput:
     logits: Tensor  # (B, T, V), or the last `logits_to_keep` positions
     last_hidden_state: Tensor  # (B, T, D) after the LM's final norm
-    past_key_values: Any = None  # the updated cache when use_cache
+    cache: Any = None  # the updated KV cache when use_cache
     hidden_states: tuple[Tensor, ...] = ()  # [0] embeddings, [i] output of decoder layer i-1 (B, T, D)
 
 
@@ -263,6 +264,8 @@ class MMFSLanguageModel(nn.Module):
                                  max_images=mmfs_cfg.max_images)
             for i in ids})
         self.mmfs_layers = ids
+        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` is deprecated, gone in 5.40)
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
         for i in ids:
             layers[i].register_forward_pre_hook(functools.partial(_capture_layer_input, i), with_kwargs=True)
             self_attention(layers[i]).register_forward_hook(
@@ -296,7 +299,7 @@ class MMFSLanguageModel(nn.Module):
                 attention_mask: Tensor | None = None, segment_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, image_features: list[Tensor] | None = None,
                 image_values: dict[str, Any] | None = None, visible: Tensor | None = None,
-                past_key_values: Any = None, use_cache: bool = False, logits_to_keep: int = 0) -> LMOutput:
+                cache: Any = None, use_cache: bool = False, logits_to_keep: int = 0) -> LMOutput:
         """Run the LM on new tokens, with image context for the MMFS layers.
 
         Args:
@@ -308,7 +311,7 @@ class MMFSLanguageModel(nn.Module):
             image_features: multi-scale maps, ``[l]`` (B, M, value_dim, H_l, W_l); or
             image_values: the same already passed through :meth:`prepare_image_values`.
             visible: (B, T, M) bool, which image slots each new token may see.
-            past_key_values: a ``DynamicCache`` holding the earlier tokens (with ``use_cache``).
+            cache: a ``DynamicCache`` holding the earlier tokens (with ``use_cache``).
             logits_to_keep: if > 0, logits only for the last this many tokens.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -319,7 +322,7 @@ class MMFSLanguageModel(nn.Module):
             raise ValueError("pass image_features or image_values, not both")
         ref = input_ids if input_ids is not None else inputs_embeds
         B, T = ref.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
 
         mask = attention_mask
         if segment_ids is not None:
@@ -343,13 +346,13 @@ class MMFSLanguageModel(nn.Module):
             extra[_CTX_KW] = ctx = _ImageContext(image_values, visible, visible.any(-1, keepdim=True))
 
         out = self.lm(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask,
-                      position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                      output_hidden_states=True, logits_to_keep=logits_to_keep, **extra)
+                      position_ids=position_ids, use_cache=use_cache, output_hidden_states=True,
+                      logits_to_keep=logits_to_keep, **{self._cache_arg: cache}, **extra)
         if extra and ctx.ran != set(self.mmfs_layers):
             raise RuntimeError(f"{type(self.lm).__name__} did not pass keyword arguments down to its attention "
                                "modules, so its MMFS layers cannot see the images")
         return LMOutput(logits=out.logits, last_hidden_state=out.hidden_states[-1],
-                        past_key_values=out.past_key_values if use_cache else None,
+                        cache=getattr(out, self._cache_arg) if use_cache else None,
                         hidden_states=tuple(out.hidden_states))
 
     def _packed_mask(self, segment_ids: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:

@@ -35,12 +35,39 @@ def build_vision_tower(cfg: VisionConfig) -> CLIPVisionModel:
             raise FileNotFoundError(
                 f"model.vision.pretrained: {folder} is not a local Hugging Face model folder "
                 "(no config.json); download it once with `hf download` and point the config at it")
-        return CLIPVisionModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        return _load_quietly(CLIPVisionModel, folder)
     config = CLIPVisionConfig(
         image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size, projection_dim=cfg.hidden_size)
     return CLIPVisionModel(config)
+
+
+def _load_quietly(cls, folder: Path):
+    """``cls.from_pretrained(folder)`` with one log line instead of transformers' load-report table.
+
+    A full CLIPModel folder holds a text tower too: its weights are skipped and counted. A
+    weight the vision tower needs but the folder lacks is an error, not a random initialisation.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                          output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = list(info["missing_keys"]) + [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+    if missing:
+        raise ValueError(f"{folder}: {len(missing)} weight(s) of the {cls.__name__} are missing or of another "
+                         f"shape (first: {sorted(missing)[0]})")
+    unused = sorted(info["unexpected_keys"])
+    if unused:
+        groups = sorted({k.split(".")[0] for k in unused})
+        log.info("%s: loaded the %s; skipped %d weight(s) it does not use (%s)", folder, cls.__name__,
+                 len(unused), ", ".join(groups))
+    return model
 
 
 def _normalisation(folder: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
