@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from mmgen.models.samplers import SAMPLERS  # a light module: no torch, no diffusers
+
 app = typer.Typer(
     name="mmgen",
     help="Train and run MM-Interleaved-style models that write illustrated documents.",
@@ -113,6 +115,7 @@ def train_command(
 # mmgen generate
 
 BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "checkpoints" / "shapes-tiny"
+SAMPLER_HELP = f"Diffusion sampler: {', '.join(SAMPLERS)}."
 
 
 @app.command("generate")
@@ -125,7 +128,7 @@ def generate_command(
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Most new text tokens per document.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (a prompt's meta.seed wins).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion sampling steps.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="dpm++, ddim, ddpm or euler.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Text temperature (0: greedy).")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
@@ -166,7 +169,7 @@ def eval_command(
     n: Annotated[int, typer.Option("--n", min=1, help="Prompts per task.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation prompts and of sampling.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics.json and report.md.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="dpm++, ddim, ddpm or euler.")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion sampling steps.")] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Text temperature.")] = 0.0,

@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
+from mmgen.models.llm_families import LLM_FAMILIES
+from mmgen.models.samplers import SAMPLERS
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "shapes_tiny.yaml"
 
 
@@ -84,7 +87,7 @@ class LLMConfig:
 
     pretrained: str | None = None  # local folder with an HF causal LM (config + safetensors)
     tokenizer: str | None = None  # local tokenizer folder; defaults to `pretrained`
-    arch: Literal["llama", "qwen2", "gpt_neox", "mistral"] = "llama"
+    arch: str = "llama"  # a tiny LM's family: a name in mmgen/models/llm_families.py
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -97,6 +100,7 @@ class LLMConfig:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
+        _one_of(self, "arch", LLM_FAMILIES)
         _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size",
                   "max_position_embeddings", "vocab_size", "contrastive_dim")
         if self.hidden_size % self.num_heads:
@@ -286,7 +290,7 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
-    sampler: Literal["dpm++", "ddim", "ddpm", "euler"] = "dpm++"
+    sampler: str = "dpm++"  # a name in mmgen/models/samplers.py
     steps: int = 20
     guidance: float = 2.5
     temperature: float = 1.0
@@ -297,6 +301,7 @@ class GenerateConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        _one_of(self, "sampler", SAMPLERS)
         _positive(self, "steps", "max_new_tokens", "batch_size")
         if self.max_images < 0:
             raise ConfigError("generate.max_images must not be negative")
@@ -579,6 +584,14 @@ def _describe(value: Any) -> str:
     if value is None:
         return "null"
     return f"{type(value).__name__} {value!r}"
+
+
+def _one_of(obj: Any, name: str, known: dict[str, Any]) -> None:
+    """A name that must be a key of a registry (samplers, LLM families)."""
+    value = getattr(obj, name)
+    if value not in known:
+        raise ConfigError(f"`{_section_name(obj)}.{name}` must be one of {', '.join(map(repr, known))}, "
+                          f"got {value!r}")
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data.documents import Document, DocumentError, Segment, read_prompts
+from ..models.samplers import SAMPLERS, unknown_sampler
 from .output import OutputError, Written, prepare_out_dir, unique_folder, write_document, write_run_index
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "examples" / "checkpoints" / "shapes-tiny"
-SAMPLERS = ("dpm++", "ddim", "ddpm", "euler")
 
 
 class GenerationError(RuntimeError):
@@ -73,12 +73,17 @@ def load_model(checkpoint: str | Path = BUNDLED_CHECKPOINT, device: str = "auto"
         raise GenerationError(f"cannot load the model from {folder}: {e}") from None
 
 
+def _check_sampler(name: str | None) -> None:
+    """Refuse a sampler that is not in ``mmgen/models/samplers.py`` (None: the config's)."""
+    if name is not None and name not in SAMPLERS:
+        raise GenerationError(unknown_sampler(name))
+
+
 def make_settings(model, overrides: dict[str, Any]):
     from .generator import settings_from
 
     settings = settings_from(model.cfg.generate, **overrides)
-    if settings.sampler not in SAMPLERS:
-        raise GenerationError(f"unknown sampler {settings.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    _check_sampler(settings.sampler)
     return settings
 
 
@@ -91,8 +96,7 @@ def generate(prompts: Iterable[str | Document], *, checkpoint: str | Path = BUND
     """
     from .generator import Generator
 
-    if settings.get("sampler") is not None and settings["sampler"] not in SAMPLERS:
-        raise GenerationError(f"unknown sampler {settings['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
+    _check_sampler(settings.get("sampler"))
     docs = [p if isinstance(p, Document) else Document(f"prompt-{i:04d}", [Segment("text", text=p)])
             for i, p in enumerate(prompts)]
     if model is None:
@@ -125,8 +129,7 @@ def generate_files(files: list[Path], out: Path, *, checkpoint: str | Path = BUN
     from .generator import Generator
 
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
-    if settings.get("sampler") is not None and settings["sampler"] not in SAMPLERS:
-        raise GenerationError(f"unknown sampler {settings['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
+    _check_sampler(settings.get("sampler"))
     report = Report()
     prompts, problems = read_prompt_files(files)
     report.failed += problems

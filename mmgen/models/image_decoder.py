@@ -24,46 +24,21 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler, UNet2DConditionModel)
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from mmgen.config import DecoderConfig, MMFSConfig
 from mmgen.models.mmfs import MMFS
 from mmgen.models.resampler import Perceiver
+from mmgen.models.samplers import make_sampler
 
 log = logging.getLogger(__name__)
-
-SAMPLERS = ("dpm++", "ddim", "ddpm", "euler")
-
-
-def make_sampler(name: str, steps: int, train_config: dict, device: torch.device | str | None = None):
-    """A diffusers scheduler for sampling, built ``from_config`` of the training scheduler's config,
-    with ``steps`` timesteps set."""
-    if name == "dpm++":
-        sched = DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++")
-    elif name == "ddim":
-        # no x0 clipping (as Stable Diffusion's DDIM config): DDIM takes its image from the clipped
-        # x0 estimates, and clipping the guided estimate undid the guidance (t2i joint 0.09 against
-        # 0.50 unclipped on runs/cg0x step 4500; docs/RESULTS.md)
-        sched = DDIMScheduler.from_config(train_config, clip_sample=False)
-    elif name == "ddpm":
-        sched = DDPMScheduler.from_config(train_config)
-    elif name == "euler":
-        sched = EulerDiscreteScheduler.from_config(train_config)
-    else:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    with warnings.catch_warnings():  # diffusers' np.array(tensor) under numpy 2: harmless
-        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-        sched.set_timesteps(steps, device=device)
-    return sched
 
 
 def _tiny_unet(cfg: DecoderConfig) -> UNet2DConditionModel:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mmgen.config import ConfigError, LLMConfig, MMFSConfig
+from mmgen.models.llm_families import tiny_llm_config
 
 log = logging.getLogger(__name__)
 
@@ -75,25 +76,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, dtype: torch.dtype = torch.flo
             lm.resize_token_embeddings(vocab_size, mean_resizing=False)
         return lm
 
-    common = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                  max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if cfg.arch == "llama":
-        from transformers import LlamaConfig as HFConfig
-        extra = dict(num_key_value_heads=cfg.num_heads)
-    elif cfg.arch == "qwen2":
-        from transformers import Qwen2Config as HFConfig
-        extra = dict(num_key_value_heads=cfg.num_heads, use_sliding_window=False)
-    elif cfg.arch == "mistral":
-        from transformers import MistralConfig as HFConfig
-        extra = dict(num_key_value_heads=cfg.num_heads, sliding_window=None)
-    elif cfg.arch == "gpt_neox":
-        from transformers import GPTNeoXConfig as HFConfig
-        extra = dict(hidden_dropout=0.0, attention_dropout=0.0)
-    else:
-        raise ConfigError(f"model.llm.arch: unknown architecture {cfg.arch!r}")
-    hf_cfg = HFConfig(**common, **extra)
+    hf_cfg = tiny_llm_config(cfg, vocab_size)  # the families: mmgen/models/llm_families.py
     hf_cfg._attn_implementation = attn_implementation
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
 
