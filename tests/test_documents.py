@@ -81,7 +81,7 @@ def test_round_trip(tmp_path):
     assert back[0].base_dir == path.parent.absolute()
     assert [d.origin for d in back] == [f"{path}:1", f"{path}:2"]
     assert back[0].segments[2].is_placeholder and back[0].segments[3].is_placeholder
-    assert back[0].has_placeholders and not back[1].has_placeholders
+    assert any(s.is_placeholder for s in back[0].segments) and not any(s.is_placeholder for s in back[1].segments)
 
 
 def test_single_json_document_reads(tmp_path):
@@ -108,7 +108,7 @@ def test_txt_prompts(tmp_path):
     assert [d.id for d in docs] == ["stories-0000", "stories-0001"]
     assert [d.texts for d in docs] == [["A red circle."], ["A blue square."]]
     assert [d.origin for d in docs] == [f"{path}:3", f"{path}:5"]
-    assert all(len(d.segments) == 1 and not d.has_placeholders for d in docs)
+    assert all(len(d.segments) == 1 and not d.segments[0].is_placeholder for d in docs)
 
 
 def test_shipped_example_prompts_read():

@@ -78,11 +78,6 @@ class Batch:
     def num_images(self) -> int:
         return self.images.shape[0]
 
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) tokens in the batch."""
-        return int(self.attention_mask.sum())
-
 
 # ---------------------------------------------------------------------------------------------
 # 1. encode one document
@@ -106,8 +101,7 @@ class EncodedDoc:
 
 
 def encode_document(doc: Document, tokenizer: PreTrainedTokenizerBase, *, num_queries: int,
-                    load_images: ImageLoader | None = None, add_eod: bool = True,
-                    stop_at_placeholder: bool = False) -> EncodedDoc:
+                    load_images: ImageLoader | None = None, add_eod: bool = True) -> EncodedDoc:
     """Tokenize ``doc``: ``<bos>`` (if the tokenizer has one), its segments, ``<eod>``.
 
     Args:
@@ -116,8 +110,6 @@ def encode_document(doc: Document, tokenizer: PreTrainedTokenizerBase, *, num_qu
             called per image/video segment stored as a file, on a document holding only that
             segment (in-memory ``Segment.image`` is used directly).
         add_eod: end with ``<eod>`` (False for a prompt to be continued).
-        stop_at_placeholder: stop before the first placeholder segment (a generation prompt)
-            instead of raising ``ValueError``.
     """
     sp = special_ids(tokenizer)
     load_images = load_images or default_load_images
@@ -130,9 +122,6 @@ def encode_document(doc: Document, tokenizer: PreTrainedTokenizerBase, *, num_qu
     space = " " if not _adds_prefix_space(tokenizer) else ""
     for k, seg in enumerate(doc.segments):
         if seg.is_placeholder:
-            if stop_at_placeholder:
-                add_eod = False
-                break
             where = doc.origin or f"document {doc.id!r}"
             raise ValueError(f"{where}: segment {k + 1} is an empty {seg.type} placeholder; "
                              "training documents need content in every segment")
@@ -426,9 +415,3 @@ class Collator:
         pending += packer.flush()
         if pending:
             yield self.collate(pending)
-
-
-def collate_documents(docs: list[Document], tokenizer: PreTrainedTokenizerBase, cfg: Config, *,
-                      load_images: ImageLoader | None = None) -> Batch:
-    """One-shot :class:`Collator` call."""
-    return Collator(tokenizer, cfg, load_images=load_images)(docs)

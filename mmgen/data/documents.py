@@ -102,10 +102,6 @@ class Document:
     def texts(self) -> list[str]:
         return [s.text for s in self.segments if s.type == "text" and s.text is not None]
 
-    @property
-    def has_placeholders(self) -> bool:
-        return any(s.is_placeholder for s in self.segments)
-
     def error(self, message: str) -> DocumentError:
         """A :class:`DocumentError` located at this document's ``origin``."""
         file, line = _split_origin(self.origin)
