@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from mmgen.data.corpora import known_kinds  # the registry of source kinds: no torch, no pyarrow
 from mmgen.models.samplers import SAMPLERS  # a light module: no torch, no diffusers
 
 app = typer.Typer(
@@ -288,6 +289,79 @@ def data_shapes(
     with progress_callback("stories", total=n) as advance:
         path = write(out, n=n, seed=seed, size=size, progress=lambda done, total: advance(1))
     typer.echo(f"wrote {n} {'video ' if video else ''}stories to {path}")
+
+
+# the kinds `data convert` reads come from the one registry of source kinds (a light module)
+CorpusKind = Enum("CorpusKind", {k: k for k in known_kinds(convertible=True)}, type=str)
+
+
+def _print_problems(problems: list, limit: int = 50) -> None:
+    for p in problems[:limit]:
+        typer.echo(str(p), err=True)
+    if len(problems) > limit:
+        typer.echo(f"... and {len(problems) - limit} more", err=True)
+
+
+@data_app.command("convert")
+def data_convert(
+    kind: Annotated[CorpusKind, typer.Argument(help="The corpus's layout (README \"Real corpora\").")],
+    src: Annotated[Path, typer.Argument(help="A file of the corpus or a folder of them: VIST *.json, MMC4 "
+                                             "*.jsonl / *.jsonl.zip, OBELICS *.parquet, webdataset *.tar.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL documents to write.")],
+    images: Annotated[Optional[Path], typer.Option(
+        "--images", help="Folder holding the corpus's images (vist, mmc4, obelics); nothing is downloaded.")] = None,
+    skip_missing: Annotated[bool, typer.Option(
+        "--skip-missing", help="Drop a missing image from its document (reported) instead of leaving the "
+                               "document out.")] = False,
+    min_sim: Annotated[float, typer.Option(
+        "--min-sim", help="mmc4 (and MMC4-packed shards): keep images whose matched_sim reaches this.")] = 0.24,
+) -> None:
+    """Convert a public interleaved corpus into our JSONL documents (checked: `mmgen data validate` passes).
+
+    Bad records (a line that is not JSON, an image that does not decode, a matched_text_index out of range,
+    a truncated shard, ...) are listed as file:line and left out; a summary counts them.
+    """
+    from mmgen.data.corpora.convert import convert
+    from mmgen.data.documents import DocumentError
+
+    from .progress import progress_callback
+
+    try:
+        with progress_callback("records", total=None) as advance:
+            report = convert(kind.value, src, out, images=images, skip_missing=skip_missing, min_sim=min_sim,
+                             progress=advance)
+    except (DocumentError, ValueError) as e:
+        fail(str(e))
+    _print_problems(report.problems + report.dropped)
+    typer.secho(report.summary(), fg=typer.colors.YELLOW if report.problems else typer.colors.GREEN, err=True)
+    if report.documents == 0:
+        raise typer.Exit(1)
+
+
+@data_app.command("shard")
+def data_shard(
+    files: Annotated[list[Path], typer.Argument(help="JSONL documents (text and image segments).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the shards (shard-NNNNNN.tar).")],
+    per_shard: Annotated[int, typer.Option("--per-shard", min=1, help="Documents per shard.")] = 1000,
+) -> None:
+    """Pack documents into webdataset tar shards (read with `kind: webdataset`); same input, same bytes."""
+    import itertools
+
+    from mmgen.data.corpora.webdataset import write_shards
+    from mmgen.data.documents import iter_records
+
+    from .progress import progress_callback
+
+    problems: list = []
+    with progress_callback("documents", total=None) as advance:
+        shards, count = write_shards(itertools.chain.from_iterable(iter_records(f) for f in files), out,
+                                     per_shard=per_shard, report=problems.append, progress=advance)
+    _print_problems(problems)
+    typer.secho(f"packed {count} document(s) into {len(shards)} shard(s) in {out}"
+                + (f"; {len(problems)} left out" if problems else ""),
+                fg=typer.colors.YELLOW if problems else typer.colors.GREEN, err=True)
+    if count == 0:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -212,13 +212,18 @@ class ModelConfig:
 class SourceConfig:
     """One training source; several are mixed with their weights."""
 
-    kind: Literal["shapes", "shapes_pairs", "shapes_video", "jsonl", "pairs"] = "shapes"
-    path: str | None = None  # a JSONL file or a folder of them (jsonl, pairs)
+    kind: str = "shapes"  # a kind of mmgen.data.corpora.SOURCE_KINDS (the one registry of kinds)
+    path: str | None = None  # the corpus: a file or a folder of them (every kind but shapes*)
     weight: float = 1.0
     seed: int = 0  # shapes, shapes_pairs, shapes_video: the stream's seed
+    images: str | None = None  # vist, mmc4, obelics: the local folder holding the corpus's images
+    skip_missing: bool = False  # a missing image is dropped (and reported) instead of failing its document
+    min_sim: float = 0.24  # mmc4 (and MMC4-packed webdataset): keep images whose matched_sim reaches this
 
     def validate(self) -> None:
-        if self.kind not in ("shapes", "shapes_pairs", "shapes_video") and not self.path:
+        from .data.corpora import SOURCE_KINDS
+
+        if SOURCE_KINDS[self.kind].needs_path and not self.path:
             raise ConfigError(f"data.sources: a `{self.kind}` source needs a `path`")
         if self.weight <= 0:
             raise ConfigError("data.sources: `weight` must be positive")
@@ -230,13 +235,21 @@ class DataConfig:
     seq_len: int = 256  # packed sequence length in tokens
     image_size: int = 32  # images are resized to this for the vision tower and the decoder
     max_images_per_seq: int = 16
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes that read, decode and collate (0: in the main process)
+    strict: bool = False  # stop at the first bad record instead of skipping and counting it
 
     def validate(self) -> None:
+        from .data.corpora import SOURCE_KINDS
+
         _positive(self, "seq_len", "image_size", "max_images_per_seq")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must not be negative")
         if not self.sources:
             raise ConfigError("data.sources must hold at least one source")
-        for s in self.sources:
+        for i, s in enumerate(self.sources):
+            if s.kind not in SOURCE_KINDS:
+                raise ConfigError(f"`data.sources[{i}].kind` must be one of {', '.join(SOURCE_KINDS)}, "
+                                  f"got {s.kind!r}")
             s.validate()
 
 

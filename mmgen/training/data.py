@@ -1,4 +1,4 @@
-"""Training data: sources mixed by weight, drawn as a pure function of (seed, step, rank).
+"""Training data: sources mixed by weight, drawn as a pure function of (seed, step, micro, rank).
 
 Every micro-batch is drawn from its own generator seeded by (seed, step, micro-step, rank), so
 the data position *is* the step: a resumed run sees exactly the documents a straight run
@@ -14,16 +14,26 @@ Sources (``data.sources``):
 - ``jsonl``: a JSONL file of documents, or a folder of them (docs/DOCUMENTS.md);
 - ``pairs``: image–caption pairs, either as two-segment documents or as compact
   ``{"image": PATH, "caption": TEXT}`` lines; each is shown in a random order (text then
-  image trains drawing, image then text trains captioning).
+  image trains drawing, image then text trains captioning);
+- ``vist``, ``mmc4``, ``obelics``, ``webdataset``: public corpora read in place
+  (:mod:`mmgen.data.corpora`), a record drawn uniformly through a light index.
+
+Which class reads a kind is the registry :data:`mmgen.data.corpora.SOURCE_KINDS`. A bad
+record (a line that is not JSON, an image that does not decode, ...) is reported with its
+``file:line`` and another is drawn from the same generator, so skipping stays deterministic;
+with ``data.strict: true`` the first one stops the run. :mod:`mmgen.training.loader` builds
+the micro-batches in ``data.num_workers`` worker processes.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import DataConfig, SourceConfig
+from ..data.corpora import SOURCE_KINDS, source_class, unknown_kind
 from ..data.documents import Document, DocumentError, Segment, document_from_json, iter_records, safe_id
 from ..data.shapes import make_pairs, make_story
 from ..data.shapes_video import make_video_story
@@ -127,29 +137,69 @@ class PairsSource(JsonlSource):
         return Document(doc.id, order, doc.meta, doc.base_dir, doc.origin)
 
 
+MAX_BAD_IN_A_ROW = 100  # a source this bad is broken, not noisy: stop and say so
+
+
 def build_source(cfg: SourceConfig, data: DataConfig):
-    if cfg.kind == "shapes":
-        return ShapesSource(cfg, data.image_size)
-    if cfg.kind == "shapes_video":
-        return ShapesVideoSource(cfg, data.image_size)
-    if cfg.kind == "shapes_pairs":
-        return ShapesPairsSource(cfg, data.image_size)
-    if cfg.kind == "jsonl":
-        return JsonlSource(cfg)
-    return PairsSource(cfg)
+    """The reader of ``cfg.kind`` (the registry :data:`~mmgen.data.corpora.SOURCE_KINDS`)."""
+    if cfg.kind not in SOURCE_KINDS:
+        raise DataError(f"data.sources: {unknown_kind(cfg.kind)}")
+    cls = source_class(cfg.kind)
+    try:
+        if cfg.kind.startswith("shapes"):
+            return cls(cfg, data.image_size)
+        return cls(cfg) if cfg.kind in ("jsonl", "pairs") else cls(cfg, data)
+    except DocumentError as e:
+        raise DataError(f"data.sources: {e}") from None
 
 
 class DocumentStream:
-    """Draws the documents of any (step, micro-step, rank) deterministically."""
+    """Draws the documents of any (step, micro-step, rank) deterministically.
+
+    Problems met on the way (and those found while indexing the sources) are kept until
+    :meth:`take_problems`; with ``strict`` the first one raises :class:`DataError`.
+    """
 
     def __init__(self, cfg: DataConfig, seed: int):
         self.sources = [build_source(s, cfg) for s in cfg.sources]
         self.weights = [s.weight for s in cfg.sources]
         self.seeds = [s.seed for s in cfg.sources]
+        self.kinds = [s.kind for s in cfg.sources]
         self.seed = seed
+        self.strict = cfg.strict
+        self._problems: list[DocumentError] = []
+        for src in self.sources:
+            for p in getattr(src, "problems", []):
+                self.report(p)
 
     def rng(self, step: int, micro: int = 0, rank: int = 0) -> random.Random:
         return random.Random(f"mmgen-train/{self.seed}/{step}/{micro}/{rank}")
+
+    def report(self, problem: DocumentError) -> None:
+        """Count a bad record; under ``data.strict`` stop at it."""
+        if self.strict:
+            raise DataError(f"{problem} (data.strict is on; set it off to skip bad records)")
+        self._problems.append(problem)
+
+    def take_problems(self) -> list[DocumentError]:
+        """The problems reported since the last call."""
+        out, self._problems = self._problems, []
+        return out
+
+    def _sample(self, j: int, rng: random.Random, name: str) -> Document:
+        src = self.sources[j]
+        for _ in range(MAX_BAD_IN_A_ROW):
+            try:
+                doc = src.sample(rng, name)
+            except DocumentError as e:
+                self.report(e)
+                continue
+            finally:
+                for note in getattr(src, "take_notes", list)():
+                    self.report(note)
+            return doc
+        raise DataError(f"data.sources[{j}] ({self.kinds[j]}): {MAX_BAD_IN_A_ROW} bad records in a row, "
+                        f"the last: {self._problems[-1]}")
 
     def draw(self, rng: random.Random, k: int) -> list[Document]:
         """The next ``k`` documents from ``rng``: a source by weight, then a document from it."""
@@ -157,5 +207,11 @@ class DocumentStream:
         for i in range(k):
             j = rng.choices(range(len(self.sources)), weights=self.weights)[0]
             sub = random.Random(f"{self.seeds[j]}/{rng.getrandbits(64)}")
-            docs.append(self.sources[j].sample(sub, name=f"train-{i}"))
+            docs.append(self._sample(j, sub, name=f"train-{i}"))
         return docs
+
+    def documents(self, step: int, micro: int = 0, rank: int = 0) -> Iterator[Document]:
+        """The endless document stream of one micro-batch (the collator takes what it needs)."""
+        rng = self.rng(step, micro, rank)
+        while True:
+            yield from self.draw(rng, 8)

@@ -21,6 +21,7 @@ import torch
 from ..config import Config
 from .checkpoint import CheckpointError, load_trainer_state, remove_partial, resolve_resume, save_checkpoint
 from .data import DocumentStream
+from .loader import BatchLoader
 from .optim import EMA, build_optimizer, build_scheduler
 from .plot import plot_losses, read_metrics
 
@@ -74,7 +75,6 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
-    from ..data.collate import Collator
     from ..data.tokenizer import build_tokenizer
     from ..models.mm_interleaved import MMInterleaved, weights_mismatch
 
@@ -146,9 +146,10 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
         _trim_metrics(run / "metrics.jsonl", start)
 
     model, optimizer = accelerator.prepare(model, optimizer)
-    stream = DocumentStream(cfg.data, tc.seed)
-    collator = Collator(tokenizer, cfg)
     end = min(tc.steps, max_steps) if max_steps is not None else tc.steps
+    # micro-batches are read, decoded and collated ahead, in data.num_workers processes
+    loader = BatchLoader(cfg, tokenizer, seed=tc.seed, rank=rank, start=start, end=end,
+                         world=accelerator.num_processes)
     raw_model = accelerator.unwrap_model(model)
 
     def save(step: int) -> Path:
@@ -189,8 +190,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
             totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
             for micro in range(tc.grad_accum):
                 _seed_everything(tc.seed, step, micro, rank)
-                docs = _documents(stream, step, micro, rank)
-                batch = next(collator.batches(docs, tc.batch_size)).to(accelerator.device)
+                batch = loader.next(step, micro).to(accelerator.device)
                 with accelerator.autocast():
                     out = model(batch, image_loss_limit=tc.image_loss_limit)
                 loss = out["loss"]
@@ -221,7 +221,8 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                 t_last, samples_last = now, samples_seen
                 row = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
                        "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else None,
-                       "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sps, 3)}
+                       "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sps, 3),
+                       **loader.log_fields()}  # bad records skipped so far (this process)
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.set_postfix(text=f"{totals['text_loss']:.3f}", image=f"{totals['image_loss']:.4f}",
@@ -232,6 +233,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                 if main:
                     last_ckpt = save(step)
     finally:
+        loader.close()
         bar.close()
         stop.restore()
     if stop.requested:
