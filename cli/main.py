@@ -29,6 +29,36 @@ config_app = typer.Typer(help="Inspect and check configs.", no_args_is_help=True
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also show library warnings, load reports and info logs (give it before the "
+                                "command: mmgen --verbose generate ...).")] = False) -> None:
+    """Train and run MM-Interleaved-style models that write illustrated documents."""
+    _configure_output(verbose)
+
+
+def _configure_output(verbose: bool) -> None:
+    """The one place where library noise is filtered: warnings, HF load reports and download bars.
+
+    Our own warnings (a prompt cut to the context, a broken record) go through `logging` and stay
+    visible; with ``--verbose`` everything is shown, info logs included.
+    """
+    import logging
+    import os
+    import warnings
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(key, value)  # read when the libraries are imported, inside the commands
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # worker and launched processes too
+
+
 ConfigOpt = Annotated[
     Optional[Path],
     typer.Option("--config", "-c", help="YAML config file (default: configs/shapes_tiny.yaml)."),
@@ -121,7 +151,13 @@ SAMPLER_HELP = f"Diffusion sampler: {', '.join(SAMPLERS)}."
 
 @app.command("generate")
 def generate_command(
-    prompt_files: Annotated[list[Path], typer.Argument(help=".txt (one prompt per line) or .jsonl prompt files.")],
+    prompt_files: Annotated[Optional[list[Path]], typer.Argument(
+        help=".txt (one prompt per line) or .jsonl prompt files.", show_default=False)] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", help="A prompt sentence (repeat for more documents).", show_default=False)] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        "--image", help="Start a document from this picture (repeat: one per --prompt, or one for all).",
+        show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("out"),
     checkpoint: Annotated[Path, typer.Option(
         "--checkpoint", help="A model folder or a RUN/step-NNNNNN checkpoint (default: the bundled model).")] = BUNDLED,
@@ -137,12 +173,18 @@ def generate_command(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow writing into a folder that holds results.")] = False,
 ) -> None:
-    """Generate illustrated documents from prompt files into OUT/<id>/ (+ OUT/index.html)."""
-    from mmgen.generation.api import GenerationError, generate_files
+    """Generate illustrated documents from prompt files, --prompt and --image into OUT/<id>/ (+ OUT/index.html).
 
+    mmgen generate --prompt "A small red circle is on the left." --out out
+    """
+    from mmgen.generation.api import GenerationError, command_line_prompts, generate_files
+
+    if not prompt_files and not prompt and not image:
+        fail("nothing to generate: give prompt files, --prompt TEXT or --image PATH")
     try:
         report = generate_files(
-            prompt_files, out, checkpoint=checkpoint, device=device, overwrite=overwrite,
+            prompt_files or [], out, checkpoint=checkpoint, device=device, overwrite=overwrite,
+            prompts=command_line_prompts(prompt or [], image or []),
             settings=dict(max_images=max_images, max_new_tokens=max_new_tokens, seed=seed, steps=steps,
                           sampler=sampler, guidance=guidance, temperature=temperature, top_p=top_p,
                           batch_size=batch_size),
@@ -155,6 +197,48 @@ def generate_command(
                + (f"; {len(report.failed)} failed" if report.failed else ""))
     if report.failed:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# mmgen serve
+
+
+@app.command("serve")
+def serve_command(
+    checkpoint: Annotated[Path, typer.Option(
+        "--checkpoint", help="A model folder or a RUN/step-NNNNNN checkpoint (default: the bundled model).")] = BUNDLED,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (local only unless you say so).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 7860,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where each result is saved as a document folder.")]
+    = Path("out/serve"),
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
+) -> None:
+    """A local story studio: type a sentence or drop a picture, watch the story appear; JSON API at /api.
+
+    Needs the serve extra: pip install 'mmgen[serve]'. POST /api/generate {"prompt": "...", "max_images": 3}
+    returns the finished document; /api/jobs and /api/jobs/ID/events stream it segment by segment.
+    """
+    import socket
+
+    try:
+        from mmgen.serve.app import serve
+    except ImportError as e:
+        fail(f"mmgen serve needs the serve extra ({e.name} is missing): pip install 'mmgen[serve]'")
+    from mmgen.generation.api import GenerationError
+
+    try:
+        with socket.create_server((host, port)):
+            pass  # free now; uvicorn binds it again below
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host")
+    try:
+        serve(checkpoint, out, host=host, port=port, device=device,
+              on_ready=lambda url: typer.echo(f"serving the story studio on {url} (results in {out}; Ctrl-C stops)"))
+    except GenerationError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{out}: cannot write results here ({e.strerror or e})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,16 +122,43 @@ def read_prompt_files(files: Iterable[Path]) -> tuple[list[Document], list[str]]
     return prompts, problems
 
 
+def command_line_prompts(texts: list[str], images: list[Path]) -> list[Document]:
+    """Documents from ``--prompt`` and ``--image`` (``prompt-0000``, ...).
+
+    Prompts alone: one document per sentence. Pictures alone: one document per picture, which
+    the model captions and continues. Both: document k is picture k then sentence k (one
+    picture may serve every sentence).
+    """
+    for text in texts:
+        if not text.strip():
+            raise GenerationError("--prompt: an empty prompt; give a sentence, e.g. --prompt \"A small red circle is on the left.\"")
+    for path in images:
+        if not Path(path).is_file():
+            raise GenerationError(f"--image {path}: no such file")
+    if texts and images and len(images) not in (1, len(texts)):
+        raise GenerationError(f"{len(images)} --image for {len(texts)} --prompt: give one picture, or one per prompt")
+    if texts and images:
+        pictures = list(images) * len(texts) if len(images) == 1 else list(images)
+        parts = [[Segment("image", path=str(Path(p).resolve())), Segment("text", text=t.strip())]
+                 for p, t in zip(pictures, texts)]
+    else:
+        parts = [[Segment("text", text=t.strip())] for t in texts]
+        parts += [[Segment("image", path=str(Path(p).resolve()))] for p in images]
+    return [Document(f"prompt-{k:04d}", segs, origin=f"--prompt {k + 1}" if texts else f"--image {k + 1}")
+            for k, segs in enumerate(parts)]
+
+
 def generate_files(files: list[Path], out: Path, *, checkpoint: str | Path = BUNDLED_CHECKPOINT,
                    device: str = "auto", overwrite: bool = False, settings: dict[str, Any] | None = None,
-                   progress: bool = False) -> Report:
-    """Generate every prompt of ``files`` into ``out``; return what was written and what failed."""
+                   progress: bool = False, prompts: list[Document] | None = None) -> Report:
+    """Generate every prompt of ``files`` (then ``prompts``) into ``out``; say what was written and what failed."""
     from .generator import Generator
 
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
     _check_sampler(settings.get("sampler"))
     report = Report()
-    prompts, problems = read_prompt_files(files)
+    from_files, problems = read_prompt_files(files)
+    prompts = from_files + list(prompts or [])
     report.failed += problems
     if not prompts:
         raise GenerationError("no prompts to generate" + (":\n  " + "\n  ".join(problems) if problems else ""))

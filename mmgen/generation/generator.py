@@ -50,6 +50,7 @@ class _Doc:
     """One document being generated."""
 
     prompt: Document
+    index: int  # the prompt's position in the call, as yielded
     seed: int
     gen: torch.Generator
     pending: list[Segment]  # prompt segments not yet fed
@@ -78,6 +79,7 @@ class Generator:
     """Generates documents with a trained :class:`~mmgen.models.mm_interleaved.MMInterleaved`."""
 
     def __init__(self, model, *, checkpoint: str | None = None):
+        self.on_segment: Callable[[int, Segment], None] | None = None
         self.model = model.eval()
         self.tok = model.tokenizer
         self.sp = model.special
@@ -96,29 +98,33 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: list[Document], settings: Settings, *,
-                 on_image: Callable[[], None] | None = None) -> Iterator[tuple[int, Document | Exception]]:
+                 on_image: Callable[[], None] | None = None,
+                 on_segment: Callable[[int, Segment], None] | None = None,
+                 ) -> Iterator[tuple[int, Document | Exception]]:
         """Yield ``(index, document)`` for every prompt, or ``(index, error)`` for one that failed.
 
         Prompts are run ``settings.batch_size`` at a time; results come in completion order.
+        ``on_segment(index, segment)`` is called as each output segment is made (for streaming).
         """
+        self.on_segment = on_segment
         for start in range(0, len(prompts), settings.batch_size):
             docs: dict[int, _Doc] = {}
             for i in range(start, min(start + settings.batch_size, len(prompts))):
                 try:
-                    docs[i] = self._start(prompts[i], settings)
+                    docs[i] = self._start(prompts[i], i, settings)
                 except Exception as e:  # a broken prompt must not take the batch down
                     yield i, e
             yield from self._run(docs, settings, on_image)
 
     # --- setup -----------------------------------------------------------------------------------
 
-    def _start(self, prompt: Document, s: Settings) -> _Doc:
+    def _start(self, prompt: Document, index: int, s: Settings) -> _Doc:
         seed = prompt.meta.get("seed", s.seed)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"{prompt.origin or prompt.id}: meta.seed must be an integer")
         digest = hashlib.sha256(f"{seed}/{prompt.id}".encode()).digest()
         gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        d = _Doc(prompt=prompt, seed=seed, gen=gen, pending=list(prompt.segments),
+        d = _Doc(prompt=prompt, index=index, seed=seed, gen=gen, pending=list(prompt.segments),
                  placeholders=any(seg.is_placeholder for seg in prompt.segments))
         if self.sp.bos is not None:
             d.chunk_ids.append(self.sp.bos)
@@ -156,9 +162,9 @@ class Generator:
                 d.chunk_images.append((base + boi - shift + 1, embeds[j], None))
                 d.maps.append([m[j] for m in maps])
                 d.latest = pixels[j]
-                d.segments.append(Segment("image", image=tensor_to_image(pixels[j].cpu()), source="prompt"))
+                self._add(d, Segment("image", image=tensor_to_image(pixels[j].cpu()), source="prompt"))
         elif seg.type == "text":
-            d.segments.append(Segment("text", text=seg.text, source="prompt"))
+            self._add(d, Segment("text", text=seg.text, source="prompt"))
         d.chunk_ids += ids
 
     def _fit_context(self, d: _Doc) -> None:
@@ -339,7 +345,7 @@ class Generator:
         if d.text:
             text = self.tok.decode(d.text, skip_special_tokens=True).strip()
             if text:
-                d.segments.append(Segment("text", text=text, source="generated"))
+                self._add(d, Segment("text", text=text, source="generated"))
             d.text = []
 
     def _draw_images(self, asking: list[_Doc], s: Settings, on_image) -> None:
@@ -370,7 +376,7 @@ class Generator:
             d.seconds["image"] += elapsed / len(asking)
             d.wants_image = False
             d.new_images += 1
-            d.segments.append(Segment("image", image=tensor_to_image(pixels[n].cpu()), source="generated"))
+            self._add(d, Segment("image", image=tensor_to_image(pixels[n].cpu()), source="generated"))
             d.maps.append([m[n] for m in maps])
             d.latest = pixels[n]
             # the <boi> was already fed: the chunk is the image's Q embeddings, then the prompt goes on
@@ -380,6 +386,12 @@ class Generator:
                 self._advance_prompt(d, s)
             if on_image is not None:
                 on_image()
+
+    def _add(self, d: _Doc, seg: Segment) -> None:
+        """Append one output segment and tell the listener, if any."""
+        d.segments.append(seg)
+        if self.on_segment is not None:
+            self.on_segment(d.index, seg)
 
     def _finish(self, d: _Doc, s: Settings) -> Document:
         meta = dict(d.prompt.meta)

@@ -28,8 +28,11 @@ class OutputError(RuntimeError):
 class Written:
     id: str
     folder: Path
-    title: str
+    title: str  # the first sentence
     num_images: int
+    images: tuple[str, ...] = ()  # paths relative to ``folder``, in order
+    seed: int | None = None
+    sampler: str | None = None
 
 
 def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
@@ -93,19 +96,21 @@ def write_document(doc: Document, folder: Path) -> Written:
         _atomic_text(folder / "story.md", document_markdown(record))
     except OSError as e:
         raise OutputError(f"{folder}: cannot write ({e.strerror or e})") from None
-    return Written(doc.id, folder, _title(record), k)
+    images = tuple(seg.path for seg in segments if seg.type == "image" and seg.path)
+    return Written(doc.id, folder, _title(record), k, images, doc.meta.get("seed"), doc.meta.get("sampler"))
 
 
 def write_run_index(out: Path, written: list[Written], failed: list[str]) -> Path:
-    items = "\n".join(
-        f'<li><a href="{html.escape(w.folder.name, quote=True)}/index.html">{html.escape(w.id)}</a>'
-        f" — {html.escape(w.title)} <small>({w.num_images} image{'s' if w.num_images != 1 else ''})</small></li>"
-        for w in written)
+    """``OUT/index.html``: a gallery, one card per document (thumbnails, first sentence, settings)."""
+    cards = "\n".join(_card(w) for w in written)
     fails = ""
     if failed:
-        fails = "<h2>Failed</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failed) + "</ul>"
+        fails = ('<h2>Failed</h2><ul class="failed">' + "".join(f"<li>{html.escape(f)}</li>" for f in failed)
+                 + "</ul>")
+    count = f"{len(written)} document{'s' if len(written) != 1 else ''}"
     page = _page("mmgen — generated documents",
-                 f"<h1>Generated documents</h1><ul>{items}</ul>{fails}")
+                 f'<h1>Generated documents</h1><p class="meta">{count}</p>\n'
+                 f'<main class="gallery">\n{cards}\n</main>{fails}', wide=True)
     path = out / "index.html"
     try:
         _atomic_text(path, page)
@@ -114,15 +119,33 @@ def write_run_index(out: Path, written: list[Written], failed: list[str]) -> Pat
     return path
 
 
+def _card(w: Written) -> str:
+    link = html.escape(f"{w.folder.name}/index.html", quote=True)
+    thumbs = "".join(f'<img class="thumb" src="{html.escape(f"{w.folder.name}/{p}", quote=True)}" '
+                     f'alt="image {i + 1} of {html.escape(w.id, quote=True)}">' for i, p in enumerate(w.images))
+    facts = [f"{w.num_images} image{'s' if w.num_images != 1 else ''}"]
+    facts += [f"seed {w.seed}"] if w.seed is not None else []
+    facts += [f"sampler {html.escape(str(w.sampler))}"] if w.sampler else []
+    return (f'<article class="card"><a href="{link}">'
+            f'<div class="thumbs">{thumbs or "<span class=none>no images</span>"}</div>'
+            f'<h2>{html.escape(w.id)}</h2></a><p>{html.escape(w.title)}</p>'
+            f'<p class="meta">{" · ".join(facts)}</p></article>')
+
+
 def document_html(doc: Document) -> str:
-    parts = [f"<h1>{html.escape(doc.id)}</h1>"]
+    """One document: prompt and generated parts told apart (a label and a colour each)."""
+    parts = [f"<h1>{html.escape(doc.id)}</h1>",
+             '<p class="legend"><span class="tag prompt">prompt</span> given &nbsp; '
+             '<span class="tag generated">generated</span> written or drawn by the model</p>']
     for seg in doc.segments:
-        cls = f' class="{seg.source or "prompt"}"'
+        source = seg.source or "prompt"
+        tag = f'<span class="tag {source}">{source}</span>'
         if seg.type == "text" and seg.text is not None:
-            parts.append(f"<p{cls}>{html.escape(seg.text)}</p>")
+            parts.append(f'<p class="seg {source}">{tag} {html.escape(seg.text)}</p>')
         elif seg.type == "image" and seg.path is not None:
             src = seg.path if not os.path.isabs(seg.path) else Path(seg.path).as_uri()
-            parts.append(f'<figure{cls}><img src="{html.escape(src, quote=True)}" alt="{html.escape(seg.source or "prompt")} image"></figure>')
+            parts.append(f'<figure class="seg {source}">{tag}<img class="full" src="{html.escape(src, quote=True)}" '
+                         f'alt="{source} image"></figure>')
     settings = {k: v for k, v in doc.meta.items() if k in ("checkpoint", "seed", "sampler", "steps", "guidance")}
     if settings:
         parts.append(f"<footer>{html.escape(json.dumps(settings))}</footer>")
@@ -144,15 +167,23 @@ def _title(doc: Document) -> str:
     return (texts[0][:80] if texts else doc.id)
 
 
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:40em;margin:2em auto;line-height:1.5}"
-          "img{width:192px;image-rendering:pixelated;border:1px solid #ccc}"
-          ".generated{border-left:4px solid #4a7;padding-left:.5em}"
-          ".prompt{border-left:4px solid #aaa;padding-left:.5em}footer{color:#777;font-size:.8em}")
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:40em;margin:2em auto;line-height:1.5;padding:0 1em}"
+          "body.wide{max-width:72em}img{image-rendering:pixelated;image-rendering:crisp-edges}"
+          "img.full{width:256px;height:256px;border:1px solid #ccc;display:block;margin-top:.3em}"
+          ".seg{border-left:4px solid #aaa;padding-left:.6em;margin:.8em 0}.seg.generated{border-color:#4a7}"
+          ".tag{font-size:.7em;text-transform:uppercase;letter-spacing:.05em;padding:0 .4em;border-radius:3px;"
+          "background:#eee;color:#555}.tag.generated{background:#dfe;color:#275}"
+          ".gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(17em,1fr));gap:1em}"
+          ".card{border:1px solid #ddd;border-radius:6px;padding:.7em}.card a{color:inherit;text-decoration:none}"
+          ".card h2{font-size:1em;margin:.4em 0 0}.card p{margin:.3em 0}"
+          ".thumbs{display:flex;gap:4px;flex-wrap:wrap}img.thumb{width:64px;height:64px;border:1px solid #ccc}"
+          ".meta,footer,.legend{color:#777;font-size:.85em}.failed{color:#a33}")
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, *, wide: bool = False) -> str:
+    body_class = ' class="wide"' if wide else ""
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+            f"<style>{_STYLE}</style></head>\n<body{body_class}>\n{body}\n</body></html>\n")
 
 
 def _atomic_text(path: Path, text: str) -> None:
