@@ -274,3 +274,16 @@ def test_shard_packs_documents_that_read_back_the_same(tmp_path):
     # and shards convert back to documents that validate
     report = convert("webdataset", tmp_path / "a", tmp_path / "back.jsonl")
     assert report.documents == 3 and validate_files([tmp_path / "back.jsonl"]) == (3, [])
+
+
+def test_the_vist_finetune_config_reads_vist_from_local_folders():
+    from mmgen.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "vist_finetune.yaml")
+    real = load_config(root / "configs" / "mm_interleaved_7b.yaml")
+    (src,) = cfg.data.sources
+    assert src.kind == "vist" and src.path.endswith(".story-in-sequence.json") and src.images
+    assert not Path(src.path).is_absolute() and cfg.data.num_workers > 0 and cfg.data.image_size == 512
+    assert cfg.model == real.model  # the real-scale model, fine-tuned from its pre-trained weights
+    assert cfg.train.init_from and "vist" in cfg.train.out_dir
