@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/mmfs.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) out
