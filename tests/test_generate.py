@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,112 @@ def test_the_bundled_model_writes_illustrated_stories(tmp_path):
     assert len(docs) == 6
     assert sum(s.type == "image" and s.source == "generated" for d in docs for s in d.segments) >= 1
     assert (tmp_path / "out" / "index.html").is_file()
+
+
+# --- what a user sees: prompts on the command line, a gallery, a quiet run -------------------
+
+
+def test_prompts_and_pictures_on_the_command_line(tmp_path, checkpoint):
+    txt, _ = write_prompts(tmp_path)
+    picture = tmp_path / "red.png"
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["generate", str(txt), "--prompt", "A small green triangle is at the top.",
+                                 "--prompt", "A large red circle is on the left.", "--image", str(picture),
+                                 "--out", str(out), "--checkpoint", str(checkpoint), "--steps", "2",
+                                 "--max-images", "1", "--max-new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    docs = {p.parent.name: next(iter_records(p)) for p in out.glob("*/document.json")}
+    assert set(docs) == {"stories-0000", "stories-0001", "prompt-0000", "prompt-0001"}
+    for name, text in (("prompt-0000", "A small green triangle is at the top."),
+                       ("prompt-0001", "A large red circle is on the left.")):
+        first, second = docs[name].segments[:2]  # the one picture serves both prompts, before the text
+        assert (first.type, first.source) == ("image", "prompt") and (second.text, second.source) == (text, "prompt")
+        assert Image.open(out / name / first.path).getpixel((5, 5)) == (200, 30, 30)
+    only_picture = runner.invoke(app, ["generate", "--image", str(picture), "--out", str(tmp_path / "o2"),
+                                       "--checkpoint", str(checkpoint), "--steps", "2", "--max-images", "1",
+                                       "--max-new-tokens", "4", "--device", "cpu"])
+    assert only_picture.exit_code == 0, only_picture.output
+    (doc,) = [next(iter_records(p)) for p in (tmp_path / "o2").glob("*/document.json")]
+    assert doc.segments[0].type == "image" and doc.segments[0].source == "prompt"
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "nothing to generate"),
+    (["--prompt", "  "], "empty prompt"),
+    (["--image", "/no/such.png"], "/no/such.png: no such file"),
+    (["--prompt", "a", "--prompt", "b", "--prompt", "c", "--image", "x.png", "--image", "y.png"], None),
+])
+def test_bad_command_line_prompts_are_one_line(tmp_path, args, words):
+    if words is None:
+        for name in ("x.png", "y.png"):
+            Image.new("RGB", (8, 8)).save(tmp_path / name)
+        args = [str(tmp_path / a) if a.endswith(".png") else a for a in args]
+        words = "2 --image for 3 --prompt"
+    result = runner.invoke(app, ["generate", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0 and words in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_run_index_is_a_gallery(tmp_path, checkpoint):
+    txt, jsonl = write_prompts(tmp_path)
+    out = tmp_path / "out"
+    report = generate_files([txt, jsonl], out, checkpoint=checkpoint, device="cpu", settings=dict(FAST, seed=5))
+    page = (out / "index.html").read_text()
+    assert page.count('<article class="card">') == len(report.written) == 4
+    for w in report.written:
+        assert f'href="{w.folder.name}/index.html"' in page and w.title in page
+        for p in w.images:
+            assert (w.folder / p).is_file() and f'src="{w.folder.name}/{p}"' in page
+    assert "seed 5" in page and "sampler dpm++" in page and page.count("Failed") == 1
+    doc_page = (out / "cont" / "index.html").read_text()
+    assert doc_page.count('<span class="tag prompt">prompt</span>') == 4  # 3 prompt segments + the legend
+    assert doc_page.count('<span class="tag generated">generated</span>') == 2  # 1 generated image + the legend
+
+
+def test_a_real_browser_shows_the_gallery(tmp_path, checkpoint):
+    if CHROMIUM is None:
+        if os.environ.get("MMGEN_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required here (MMGEN_REQUIRE_BROWSER) but not installed")
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import launch
+
+    txt, jsonl = write_prompts(tmp_path)
+    out = tmp_path / "out"
+    report = generate_files([txt, jsonl], out, checkpoint=checkpoint, device="cpu", settings=FAST)
+    with sync_playwright() as p:
+        browser = launch(p, CHROMIUM)
+        page = browser.new_page()
+        page.goto((out / "index.html").as_uri())
+        assert page.locator("article.card").count() == 4
+        thumbs = page.eval_on_selector_all(
+            "img.thumb", "is => is.map(i => [i.complete && i.naturalWidth > 0, i.clientWidth, "
+                         "getComputedStyle(i).imageRendering])")
+        assert len(thumbs) == sum(len(w.images) for w in report.written) and thumbs
+        assert all(ok and width == 64 and rendering in ("pixelated", "crisp-edges") for ok, width, rendering in thumbs)
+        assert "A large red circle is in the top left." in page.inner_text("main")
+        page.click("article.card a[href='cont/index.html']")
+        page.wait_for_load_state()
+        sizes = page.eval_on_selector_all("img.full", "is => is.map(i => i.complete && i.naturalWidth > 0 ? "
+                                                      "i.clientWidth : 0)")
+        assert len(sizes) == 2 and all(s >= 256 for s in sizes)  # readable, not the 32 px originals
+        assert page.locator(".seg.generated").count() == 1 and page.locator(".seg.prompt").count() == 3
+        browser.close()
+
+
+def test_a_generate_run_prints_only_progress_and_the_summary(tmp_path):
+    """The bundled model from a fresh process, as `make demo` runs it: no warning, no load report."""
+    out = tmp_path / "out"
+    env = dict(os.environ, COLUMNS="100")
+    env.pop("PYTHONWARNINGS", None)
+    run = subprocess.run([sys.executable, "-m", "cli.main", "generate", "--prompt", "A small red circle is on the left.",
+                          "--out", str(out), "--steps", "3", "--max-images", "2", "--device", "cpu"],
+                         cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    summary = [line for line in lines if line.startswith("wrote 1 document(s)")]
+    progress = [line for line in lines if line.startswith(("documents", "images"))]
+    assert len(summary) == 1 and progress
+    assert len(summary) + len(progress) == len(lines), lines

@@ -145,4 +145,4 @@ def serve(checkpoint: Path, out: Path, *, host: str = "127.0.0.1", port: int = 7
     app = build_app(Studio(model, folder, out))
     if on_ready is not None:
         on_ready(f"http://{host}:{port}/")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=3)

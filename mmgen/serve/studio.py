@@ -36,6 +36,7 @@ from ..data.documents import Document, DocumentError, Segment, document_from_jso
 MAX_PROMPT_CHARS = 4000  # the bundled model's context holds ~2,000 characters of text
 MAX_IMAGE_BYTES = 4 * 2**20
 MAX_IMAGE_SIDE = 4096
+SEED_ID = "prompt-0000"
 MAX_WAITING = 8  # requests in line behind the running one; more are refused (429)
 KEEP_FINISHED = 64  # finished jobs remembered for their event streams; their folders stay on disk
 # setting -> (type, lowest, highest)
@@ -208,7 +209,9 @@ class Studio:
         settings = parse_settings(body)
         with self.cond:
             job_id = f"{self._stamp}-{next(self._ids):04d}"
-        job = Job(job_id, parse_prompt(body, job_id), settings)
+        # the prompt's id seeds its sampling: the one `mmgen generate --prompt` and `mmgen.generate` give
+        # their first prompt, so that a request, the CLI and the Python API agree for the same seed
+        job = Job(job_id, parse_prompt(body, SEED_ID), settings)
         with self.cond:
             if len(self.line) >= self.max_waiting:
                 raise RequestError(f"the line is full ({len(self.line)} requests waiting); try again shortly", 429)
@@ -278,6 +281,7 @@ class Studio:
         if isinstance(result, Exception):
             raise result
         folder = self.out / job.id
+        result.id = job.id
         write_document(result, folder)
         record = json.loads((folder / "document.json").read_text(encoding="utf-8"))
         for seg in record["segments"]:
