@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean readme-picture
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/mmgen generate examples/prompts/stories.txt examples/prompts/shapes.jsonl --out out --overwrite
+
+# the picture at the top of the README: a document written by the bundled model
+readme-picture: $(STAMP)
+	rm -rf docs/example
+	$(BIN)/mmgen generate --prompt "A small red circle is on the left." --seed 1 --out docs/example
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -218,3 +218,22 @@ def test_story_md_references_the_images(tmp_path):
     assert order == sorted(order)  # segments in document order
     html_page = (w.folder / "index.html").read_text(encoding="utf-8")
     assert html_page.count("<img ") == 2 and 'src="images/02.png"' in html_page
+
+
+def test_story_png_shows_every_image_crisply_with_its_text(tmp_path):
+    from mmgen.generation.picture import BAR, PAD, PANEL
+
+    doc = story(seed=1)  # text, red 8x6 image (prompt), text, blue 16x12 image (generated)
+    doc.segments.append(Segment("text", text="The end, after the last image.", source="generated"))
+    (w,) = write_run(tmp_path / "out", [doc])
+    picture = Image.open(w.folder / "story.png").convert("RGB")
+    assert picture.size[0] == PAD + 3 * (PANEL + PAD)  # two image panels and one for the last text
+    top = PAD + BAR
+    for k, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        x = PAD + k * (PANEL + PAD)
+        inside = {picture.getpixel((x + dx, top + dy)) for dx in (0, PANEL // 2, PANEL - 1) for dy in (0, PANEL - 1)}
+        assert inside == {colour}  # nearest-neighbour scaling: no blended edge pixels
+    bars = [picture.getpixel((PAD + k * (PANEL + PAD) + 5, PAD + 1)) for k in range(2)]
+    assert bars[0] != bars[1]  # prompt and generated images are told apart
+    below = picture.crop((PAD, top + PANEL, PAD + PANEL, picture.size[1]))
+    assert below.getcolors(1 << 16) and len(below.getcolors(1 << 16)) > 1  # the caption was drawn

@@ -2,8 +2,8 @@
 
 For each document, under ``OUT/<id>/``: ``document.json`` (segments marked ``prompt`` or
 ``generated``, image paths relative to the folder, settings and timings in ``meta``),
-``index.html`` (offline, every text escaped), ``story.md`` and ``images/*.png``; and
-``OUT/index.html`` linking every document of the run.
+``index.html`` (offline, every text escaped), ``story.md``, ``story.png`` (the whole document
+as one picture) and ``images/*.png``; and ``OUT/index.html``, a gallery of the run.
 
 Ids are reduced to safe folder names and never leave ``OUT``; two documents with the same id
 get distinct folders (``id``, ``id-2``, ...).
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.documents import Document, Segment, safe_id
+from .picture import story_picture
 
 
 class OutputError(RuntimeError):
@@ -74,6 +75,7 @@ def write_document(doc: Document, folder: Path) -> Written:
     try:
         (folder / "images").mkdir(parents=True, exist_ok=True)
         segments: list[Segment] = []
+        pictures = []  # PIL images in order, for story.png
         k = 0
         for seg in doc.segments:
             out = Segment(seg.type, text=seg.text, path=seg.path, frames=seg.frames, fps=seg.fps,
@@ -83,17 +85,20 @@ def write_document(doc: Document, folder: Path) -> Written:
                 out.type, out.frames, out.fps = "image", None, None
                 out.path = f"images/{k:02d}.png"
                 seg.image.save(folder / out.path, format="PNG")
+                pictures.append(seg.image)
             elif seg.type == "image" and seg.path is not None:  # a prompt image: copied in
                 from ..data.media import load_image
 
                 k += 1
                 out.path = f"images/{k:02d}.png"
-                load_image(doc.resolve(seg.path)).save(folder / out.path, format="PNG")
+                pictures.append(load_image(doc.resolve(seg.path)))
+                pictures[-1].save(folder / out.path, format="PNG")
             segments.append(out)
         record = Document(doc.id, segments, doc.meta)
         _atomic_text(folder / "document.json", json.dumps(record.to_json(), indent=2, ensure_ascii=False) + "\n")
         _atomic_text(folder / "index.html", document_html(record))
         _atomic_text(folder / "story.md", document_markdown(record))
+        story_picture(record, pictures).save(folder / "story.png", format="PNG")
     except OSError as e:
         raise OutputError(f"{folder}: cannot write ({e.strerror or e})") from None
     images = tuple(seg.path for seg in segments if seg.type == "image" and seg.path)
