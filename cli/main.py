@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from mmgen.data.corpora import known_kinds  # the registry of source kinds: no torch, no pyarrow
+from mmgen.data.kinds import KINDS  # a light module too
 from mmgen.models.samplers import SAMPLERS  # a light module: no torch, no diffusers
 
 app = typer.Typer(
@@ -147,6 +148,8 @@ def train_command(
 
 BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "checkpoints" / "shapes-tiny"
 SAMPLER_HELP = f"Diffusion sampler: {', '.join(SAMPLERS)}."
+KIND_HELP = (f"The kind of document to write when a prompt has no meta.kind: {', '.join(KINDS)} "
+             "(default: the model's generate.kind, story).")
 
 
 @app.command("generate")
@@ -170,6 +173,7 @@ def generate_command(
     temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Text temperature (0: greedy).")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Documents generated together.")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help=KIND_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow writing into a folder that holds results.")] = False,
 ) -> None:
@@ -187,7 +191,7 @@ def generate_command(
             prompts=command_line_prompts(prompt or [], image or []),
             settings=dict(max_images=max_images, max_new_tokens=max_new_tokens, seed=seed, steps=steps,
                           sampler=sampler, guidance=guidance, temperature=temperature, top_p=top_p,
-                          batch_size=batch_size),
+                          batch_size=batch_size, kind=kind),
             progress=True)
     except GenerationError as e:
         fail(str(e))

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mmgen.data.kinds import KINDS
 from mmgen.models.llm_families import LLM_FAMILIES
 from mmgen.models.samplers import SAMPLERS
 
@@ -312,9 +313,12 @@ class GenerateConfig:
     max_new_tokens: int = 128
     batch_size: int = 8
     seed: int = 0
+    kind: str = "story"  # the document kind a prompt without meta.kind asks for (mmgen/data/kinds.py); "" for none
 
     def validate(self) -> None:
         _one_of(self, "sampler", SAMPLERS)
+        if self.kind:
+            _one_of(self, "kind", KINDS)
         _positive(self, "steps", "max_new_tokens", "batch_size")
         if self.max_images < 0:
             raise ConfigError("generate.max_images must not be negative")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmgen.data.documents import Document, Segment
+from mmgen.data.kinds import kind_id
 from mmgen.data.tokenizer import special_ids
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ class EncodedDoc:
 
 def encode_document(doc: Document, tokenizer: PreTrainedTokenizerBase, *, num_queries: int,
                     load_images: ImageLoader | None = None, add_eod: bool = True) -> EncodedDoc:
-    """Tokenize ``doc``: ``<bos>`` (if the tokenizer has one), its segments, ``<eod>``.
+    """Tokenize ``doc``: ``<bos>`` (if the tokenizer has one), its kind's token (``meta.kind``,
+    if the tokenizer has kind tokens; given, never a loss target), its segments, ``<eod>``.
 
     Args:
         num_queries: Q, placeholders per image.
@@ -114,6 +116,8 @@ def encode_document(doc: Document, tokenizer: PreTrainedTokenizerBase, *, num_qu
     sp = special_ids(tokenizer)
     load_images = load_images or default_load_images
     ids: list[int] = [] if sp.bos is None else [sp.bos]
+    kind = kind_id(tokenizer, doc.meta.get("kind"))
+    ids += [] if kind is None else [kind]
     loss: list[bool] = [False] * len(ids)
     image_boi: list[int] = []
     images: list[Any] = []

@@ -229,6 +229,11 @@ def document_from_json(obj: Any, *, file: str | Path, line: int, default_id: str
         meta = obj.get("meta", {})
         if not isinstance(meta, dict):
             raise ValueError(f"`meta` must be an object, got {_json_type(meta)}")
+        if "kind" in meta:
+            from .kinds import KINDS, unknown_kind
+
+            if meta["kind"] not in KINDS:
+                raise ValueError(f"`meta.kind`: {unknown_kind(meta['kind'])}")
     except ValueError as e:
         raise DocumentError(file, line, str(e)) from None
     return Document(id=safe_id(str(raw_id)), segments=segments, meta=meta,

@@ -269,6 +269,12 @@ def parse_sentence(text: str) -> dict[str, str] | None:
     return None
 
 
+def foreign_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` that are not ShapeStories sentences (what the bundled model knows)."""
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    return [s for s in sentences if parse_sentence(s) is None]
+
+
 def _change(attr: str, subject: str, value: str) -> dict[str, str]:
     return {"kind": "change", "change": attr, "subject": subject, "shape": subject, attr: value}
 
@@ -347,7 +353,7 @@ def make_story(rng: random.Random, *, size: int = 64, story_id: str) -> Document
         text = Segment("text", text=frame_sentence(frames, k))
         image = Segment("image", image=render_frame(frame, size))
         segments += [text, image] if order == "text-image" else [image, text]
-    return Document(story_id, segments, meta={"shapes": _truth(frames, changes, size, order=order)})
+    return Document(story_id, segments, meta={"kind": "story", "shapes": _truth(frames, changes, size, order=order)})
 
 
 def make_pairs(rng: random.Random, *, size: int = 64, doc_id: str, text_first: float = 0.75) -> Document:
@@ -370,7 +376,8 @@ def make_pairs(rng: random.Random, *, size: int = 64, doc_id: str, text_first: f
         text = Segment("text", text=intro_sentence(frame))
         image = Segment("image", image=render_frame(frame, size))
         segments += [text, image] if order == "text-image" else [image, text]
-    return Document(doc_id, segments, meta={"shapes": _truth(frames, [None] * n, size, order=order, pairs=True)})
+    return Document(doc_id, segments,
+                    meta={"kind": "captions", "shapes": _truth(frames, [None] * n, size, order=order, pairs=True)})
 
 
 def stream_stories(seed: int, size: int = 64, *, prefix: str = "story") -> Iterator[Document]:

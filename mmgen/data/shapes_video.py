@@ -208,7 +208,7 @@ def make_video_story(
     video = Segment("video", frames=n, image=[Image.fromarray(a, mode="RGB") for a in keys])
     truth = _truth(frames, changes, size, order=order, clip=_clip_meta(n, frames_per_state, fps))
     segments = [text, video] if order == "text-video" else [video, text]
-    return Document(story_id, segments, meta={"shapes": truth})
+    return Document(story_id, segments, meta={"kind": "story", "shapes": truth})
 
 
 def stream_video_stories(seed: int, size: int = 64, *, prefix: str = "story",

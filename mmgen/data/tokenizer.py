@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .kinds import KIND_TOKENS
+
 if TYPE_CHECKING:  # keep `import mmgen.data.tokenizer` cheap
     from transformers import PreTrainedTokenizerBase
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:  # keep `import mmgen.data.tokenizer` cheap
 
 BOI, IMAGE, EOD = "<boi>", "<image>", "<eod>"
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
-MMGEN_TOKENS = (BOI, IMAGE, EOD)  # added to every tokenizer
+MMGEN_TOKENS = (BOI, IMAGE, EOD)  # added to every tokenizer; a new model's also gets the kinds' (kinds.py)
 
 
 class TokenizerError(ValueError):
@@ -108,7 +110,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, BOS, EOD, UNK, BOI, IMAGE]
+    specials = [PAD, BOS, EOD, UNK, BOI, IMAGE, *KIND_TOKENS]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
         raise TokenizerError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer "
@@ -120,7 +122,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
                                   initial_alphabet=sorted(alphabet), show_progress=False)
     tok.train_from_iterator(_with_spaced(texts), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOD, pad_token=PAD,
-                                   unk_token=UNK, extra_special_tokens=[BOI, IMAGE],
+                                   unk_token=UNK, extra_special_tokens=[BOI, IMAGE, *KIND_TOKENS],
                                    model_max_length=1 << 30)
 
 
@@ -183,8 +185,13 @@ def build_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
     """
     llm = cfg.model.llm
     folder = llm.tokenizer or llm.pretrained
-    if folder:
-        return load_tokenizer(folder)
+    if folder:  # a new model: its tokenizer gets the document kinds' tokens too
+        tokenizer = load_tokenizer(folder)
+        missing = [t for t in KIND_TOKENS if _token_id(tokenizer, t) is None]
+        if missing:
+            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+            tokenizer.mmgen_added_tokens += len(missing)
+        return tokenizer
     texts = shapestories_sentences()
     for source in cfg.data.sources:
         if source.kind in ("jsonl", "pairs") and source.path:

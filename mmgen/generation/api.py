@@ -73,17 +73,23 @@ def load_model(checkpoint: str | Path = BUNDLED_CHECKPOINT, device: str = "auto"
         raise GenerationError(f"cannot load the model from {folder}: {e}") from None
 
 
-def _check_sampler(name: str | None) -> None:
-    """Refuse a sampler that is not in ``mmgen/models/samplers.py`` (None: the config's)."""
-    if name is not None and name not in SAMPLERS:
-        raise GenerationError(unknown_sampler(name))
+def _check_names(settings: Any) -> None:
+    """Refuse a sampler or document kind that is not registered (``mmgen/models/samplers.py``,
+    ``mmgen/data/kinds.py``); unset ones are the config's."""
+    from ..data.kinds import KINDS, unknown_kind
+
+    get = settings.get if isinstance(settings, dict) else lambda key: getattr(settings, key)
+    if get("sampler") is not None and get("sampler") not in SAMPLERS:
+        raise GenerationError(unknown_sampler(get("sampler")))
+    if get("kind") and get("kind") not in KINDS:
+        raise GenerationError(unknown_kind(get("kind")))
 
 
 def make_settings(model, overrides: dict[str, Any]):
     from .generator import settings_from
 
     settings = settings_from(model.cfg.generate, **overrides)
-    _check_sampler(settings.sampler)
+    _check_names(settings)
     return settings
 
 
@@ -96,7 +102,7 @@ def generate(prompts: Iterable[str | Document], *, checkpoint: str | Path = BUND
     """
     from .generator import Generator
 
-    _check_sampler(settings.get("sampler"))
+    _check_names(settings)
     docs = [p if isinstance(p, Document) else Document(f"prompt-{i:04d}", [Segment("text", text=p)])
             for i, p in enumerate(prompts)]
     if model is None:
@@ -155,7 +161,7 @@ def generate_files(files: list[Path], out: Path, *, checkpoint: str | Path = BUN
     from .generator import Generator
 
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
-    _check_sampler(settings.get("sampler"))
+    _check_names(settings)
     report = Report()
     from_files, problems = read_prompt_files(files)
     prompts = from_files + list(prompts or [])

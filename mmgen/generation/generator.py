@@ -32,6 +32,8 @@ import torch
 from ..config import GenerateConfig
 from ..data.collate import encode_document, image_to_tensor, tensor_to_image
 from ..data.documents import Document, Segment
+from ..data.kinds import kind_id, kind_ids
+from ..data.shapes import foreign_sentences
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class _Doc:
     prompt: Document
     index: int  # the prompt's position in the call, as yielded
     seed: int
+    kind: str | None  # the document kind given to the model (None: none, or a model without kinds)
     gen: torch.Generator
     pending: list[Segment]  # prompt segments not yet fed
     placeholders: bool  # the prompt has places to fill (else: continue freely)
@@ -89,6 +92,9 @@ class Generator:
         self.device = model.device
         self.max_len = self._max_len()
         self.checkpoint = checkpoint
+        self.never = [self.sp.image, *kind_ids(self.tok)] + ([self.sp.bos] if self.sp.bos is not None else [])
+        # a model trained on ShapeStories alone knows only its sentences: say so when a prompt is foreign
+        self.shapes_world = all(s.kind.startswith("shapes") for s in self.cfg.data.sources)
 
     def _max_len(self) -> int:
         c = self.model.llm.lm.config
@@ -124,10 +130,22 @@ class Generator:
             raise ValueError(f"{prompt.origin or prompt.id}: meta.seed must be an integer")
         digest = hashlib.sha256(f"{seed}/{prompt.id}".encode()).digest()
         gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        d = _Doc(prompt=prompt, index=index, seed=seed, gen=gen, pending=list(prompt.segments),
-                 placeholders=any(seg.is_placeholder for seg in prompt.segments))
+        kind = prompt.meta.get("kind", s.kind) or None
+        token = kind_id(self.tok, kind)  # ValueError for an unknown kind
+        d = _Doc(prompt=prompt, index=index, seed=seed, kind=kind if token is not None else None, gen=gen,
+                 pending=list(prompt.segments), placeholders=any(seg.is_placeholder for seg in prompt.segments))
         if self.sp.bos is not None:
             d.chunk_ids.append(self.sp.bos)
+        if token is not None:
+            d.chunk_ids.append(token)
+        elif "kind" in prompt.meta:
+            self._warn(d, f"this model was trained without document kinds; meta.kind {kind!r} is ignored")
+        if self.shapes_world:
+            foreign = [f for seg in prompt.segments if seg.type == "text" and seg.text
+                       for f in foreign_sentences(seg.text)]
+            if foreign:
+                self._warn(d, f"{foreign[0]!r} is outside what this model knows (ShapeStories sentences, "
+                              "docs/SHAPESTORIES.md); what it writes may not follow it")
         self._advance_prompt(d, s)
         self._fit_context(d)
         return d
@@ -186,8 +204,7 @@ class Generator:
         d.chunk_ids = head + d.chunk_ids[keep_from:]
         msg = (f"prompt is longer than the model's context ({self.max_len} tokens): "
                f"cut {keep_from - len(head)} tokens from the left")
-        d.warnings.append(msg)
-        log.warning("%s: %s", d.prompt.origin or d.prompt.id, msg)
+        self._warn(d, msg)
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -329,9 +346,7 @@ class Generator:
 
     def _sample(self, logits: torch.Tensor, s: Settings, gen: torch.Generator) -> int:
         logits = logits.clone()
-        logits[self.sp.image] = float("-inf")  # placeholders are never written by the model
-        if self.sp.bos is not None:
-            logits[self.sp.bos] = float("-inf")
+        logits[self.never] = float("-inf")  # placeholders, <bos> and kinds are given, never written
         if s.temperature <= 0:
             return int(logits.argmax())
         probs = torch.softmax(logits / s.temperature, dim=-1).cpu()
@@ -387,6 +402,11 @@ class Generator:
             if on_image is not None:
                 on_image()
 
+    def _warn(self, d: _Doc, message: str) -> None:
+        """A warning kept in the document's meta and shown once (a log line)."""
+        d.warnings.append(message)
+        log.warning("%s: %s", d.prompt.origin or d.prompt.id, message)
+
     def _add(self, d: _Doc, seg: Segment) -> None:
         """Append one output segment and tell the listener, if any."""
         d.segments.append(seg)
@@ -395,6 +415,8 @@ class Generator:
 
     def _finish(self, d: _Doc, s: Settings) -> Document:
         meta = dict(d.prompt.meta)
+        if d.kind is not None:
+            meta["kind"] = d.kind
         meta.update({
             "checkpoint": self.checkpoint, "seed": d.seed, "sampler": s.sampler, "steps": s.steps,
             "guidance": s.guidance, "temperature": s.temperature, "top_p": s.top_p,

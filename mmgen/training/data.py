@@ -134,7 +134,7 @@ class PairsSource(JsonlSource):
         image = next(s for s in doc.segments if s.type == "image")
         text = next(s for s in doc.segments if s.type == "text")
         order = [text, image] if rng.random() < 0.5 else [image, text]
-        return Document(doc.id, order, doc.meta, doc.base_dir, doc.origin)
+        return Document(doc.id, order, {"kind": "captions", **doc.meta}, doc.base_dir, doc.origin)
 
 
 MAX_BAD_IN_A_ROW = 100  # a source this bad is broken, not noisy: stop and say so

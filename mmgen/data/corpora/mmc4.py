@@ -153,5 +153,5 @@ class Mmc4Source(CorpusSource):
         segments = mmc4_segments(obj, where=where, min_sim=self.min_sim, image_for=image_for)
         f, member = self.units[u][:2]
         doc = Document(id=safe_id(f"{_stem(member or f.name)}-{where.line:06d}"), segments=segments,
-                       meta={"mmc4": {"url": obj.get("url")}}, origin=f"{where.file}:{where.line}")
+                       meta={"kind": "web", "mmc4": {"url": obj.get("url")}}, origin=f"{where.file}:{where.line}")
         return check_document(doc)

@@ -124,7 +124,8 @@ class ObelicsSource(CorpusSource):
             general = None
         if isinstance(general, dict) and general.get("url"):
             meta["url"] = general["url"]
-        doc = Document(id=safe_id(f"{f.stem}-{line:06d}"), segments=segments, meta={"obelics": meta},
+        doc = Document(id=safe_id(f"{f.stem}-{line:06d}"), segments=segments,
+                       meta={"kind": "web", "obelics": meta},
                        origin=f"{f}:{line}")
         return check_document(doc)
 

@@ -122,6 +122,6 @@ class VistSource(CorpusSource):
             if image is not None:
                 segments.append(image)
         doc = Document(id=safe_id(f"vist-{sid}"), segments=segments,
-                       meta={"vist": {"story_id": sid, "photos": [p for p, _ in items]}},
+                       meta={"kind": "story", "vist": {"story_id": sid, "photos": [p for p, _ in items]}},
                        origin=f"{file}:0")
         return check_document(doc)

@@ -187,7 +187,8 @@ class WebDatasetSource(CorpusSource):
 
         segments = mmc4_segments(obj, where=DocumentError(where, 0, ""), min_sim=self.min_sim, image_for=image_for)
         url = obj.get("url") if isinstance(obj, dict) else None
-        doc = Document(id=safe_id(f"{shard.stem}-{key}"), segments=segments, meta={"mmc4": {"url": url}},
+        doc = Document(id=safe_id(f"{shard.stem}-{key}"), segments=segments,
+                       meta={"kind": "web", "mmc4": {"url": url}},
                        origin=f"{where}:0")
         return check_document(doc)
 
