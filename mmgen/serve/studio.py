@@ -13,7 +13,7 @@ Request bodies (the JSON API and the page send the same thing)::
                                {"type": "text", "text": "The circle turns blue."}, {"type": "image"}]},
      "image": "data:image/png;base64,...",                # optional: a picture before the text
      "max_images": 3, "seed": 1, "sampler": "dpm++", "steps": 20, "guidance": 2.5,
-     "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 128}
+     "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 128, "kind": "story"}
 
 Pictures travel as data URLs: the server never opens a path a request names.
 """
@@ -164,6 +164,13 @@ def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
         settings[key] = kind(value)
     if settings.get("top_p") == 0:
         raise RequestError('"top_p" must be above 0')
+    kind = body.get("kind")
+    if kind is not None:
+        from ..data.kinds import KINDS, unknown_kind
+
+        if kind not in KINDS:
+            raise RequestError(unknown_kind(kind))
+        settings["kind"] = kind
     sampler = body.get("sampler")
     if sampler is not None:
         if sampler not in SAMPLERS:
@@ -194,16 +201,18 @@ class Studio:
         from ..models.samplers import SAMPLERS
 
         g = self.model.cfg.generate
+        from ..data.kinds import KINDS
+
         return {"defaults": {k: getattr(g, k) for k in ("sampler", "steps", "guidance", "temperature", "top_p",
-                                                         "max_images", "max_new_tokens", "seed")},
-                "samplers": list(SAMPLERS), "limits": {k: [lo, hi] for k, (_, lo, hi) in LIMITS.items()},
+                                                         "max_images", "max_new_tokens", "seed", "kind")},
+                "samplers": list(SAMPLERS), "kinds": list(KINDS), "limits": {k: [lo, hi] for k, (_, lo, hi) in LIMITS.items()},
                 "checkpoint": str(self.checkpoint), "max_prompt_chars": MAX_PROMPT_CHARS}
 
     def submit(self, body: object) -> Job:
         """Check a request and put it in line; RequestError (with its HTTP status) if refused."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
-        unknown = sorted(set(body) - {"prompt", "image", "sampler", *LIMITS})
+        unknown = sorted(set(body) - {"prompt", "image", "sampler", "kind", *LIMITS})
         if unknown:
             raise RequestError(f"unknown field(s): {', '.join(unknown)}")
         settings = parse_settings(body)
