@@ -108,12 +108,15 @@ def train_command(
     max_steps: Annotated[Optional[int], typer.Option(
         "--max-steps", min=1, help="Stop after this many steps (the schedule still spans train.steps, "
                                    "or align.steps).")] = None,
+    low_memory: Annotated[bool, typer.Option(
+        "--low-memory", help="train.low_memory=true: gradient checkpointing (LLM, UNet, vision tower), an 8-bit "
+                             "AdamW (bitsandbytes on CUDA) or Adafactor; slower steps, much less memory.")] = False,
 ) -> None:
     """Train a model (default config: configs/shapes_tiny.yaml). Ctrl-C saves and stops.
 
     Under `accelerate launch` the main stage runs on several processes or GPUs; the align stage runs on one.
     """
-    cfg = _load_config(config, overrides)
+    cfg = _load_config(config, [*(overrides or []), *(["train.low_memory=true"] if low_memory else [])])
     from mmgen.config import ConfigError
     from mmgen.data.tokenizer import TokenizerError
     from mmgen.training.checkpoint import CheckpointError
@@ -139,8 +142,11 @@ def train_command(
         result = train(cfg, resume=resume, max_steps=max_steps)
     except (TrainingError, CheckpointError, DataError, TokenizerError, ConfigError) as e:
         fail(str(e))
+    if not result.main:  # one line per run, from its main process
+        return
     where = result.last_checkpoint or result.run_dir
-    typer.echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}; checkpoint: {where}")
+    typer.echo(f"{'stopped' if result.interrupted else 'done'} at step {result.step}; checkpoint: {where}"
+               + (f" ({result.engine}, {result.world_size} processes)" if result.world_size > 1 else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +182,8 @@ def generate_command(
     kind: Annotated[Optional[str], typer.Option("--kind", help=KIND_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow writing into a folder that holds results.")] = False,
+    low_memory: Annotated[bool, typer.Option(
+        "--low-memory", help="The whole model in bfloat16 (half the memory; slower on CPUs without bf16).")] = False,
 ) -> None:
     """Generate illustrated documents from prompt files, --prompt and --image into OUT/<id>/ (+ OUT/index.html).
 
@@ -185,6 +193,10 @@ def generate_command(
 
     if not prompt_files and not prompt and not image:
         fail("nothing to generate: give prompt files, --prompt TEXT or --image PATH")
+    if low_memory:  # read by MMInterleaved.from_pretrained
+        import os
+
+        os.environ["MMGEN_LOW_MEMORY"] = "1"
     try:
         report = generate_files(
             prompt_files or [], out, checkpoint=checkpoint, device=device, overwrite=overwrite,

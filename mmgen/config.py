@@ -203,6 +203,9 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     mmfs: MMFSConfig = field(default_factory=MMFSConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # dtype of the frozen components (the VAE, and the vision tower, LLM or UNet when not trainable):
+    # "auto" is the run's compute dtype (train.mixed_precision: bf16 → bfloat16, fp16 → float16, no → float32)
+    frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +292,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     deterministic: bool = True  # bit-exact resume; costs a little speed on GPUs
+    # `--low-memory`: gradient checkpointing in the LLM, UNet and vision tower, and an 8-bit AdamW
+    # (bitsandbytes, CUDA) or Adafactor for the trainable weights (mmgen/training/low_memory.py)
+    low_memory: bool = False
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum", "save_every", "keep_last_n", "log_every")
@@ -478,11 +484,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     if not all(parts):
         raise ConfigError(f"override `{item}`: bad key `{key}`")
-    _field_type(Config, parts, key)  # unknown keys are rejected before touching the tree
+    tp = _field_type(Config, parts, key)  # unknown keys are rejected before touching the tree
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    if isinstance(value, bool) and _takes_string(tp):  # YAML 1.1 reads no/yes/on/off as booleans
+        value = text.strip()
     node = raw
     for p in parts[:-1]:
         nxt = node.get(p)
@@ -491,6 +499,16 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             node[p] = nxt
         node = nxt
     node[parts[-1]] = value
+
+
+def _takes_string(tp: Any) -> bool:
+    """Whether a field of type ``tp`` accepts a string (``str``, or a ``Literal`` of strings)."""
+    tp = _unwrap_optional(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_takes_string(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return any(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
 
 
 def _field_type(cls: type, parts: list[str], key: str) -> Any:

@@ -205,7 +205,8 @@ def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, m
         def save_model(folder):
             folder.mkdir(parents=True)
             (folder / "model.safetensors").write_bytes(b"weights")
-        save_checkpoint(run, step, save_model=save_model, raw_state={}, ema_state=None, optimizer=optimizer,
+        save_checkpoint(run, step, save_model=save_model, raw_state=None, ema_state=None,
+                        optimizer_state=optimizer.state_dict(),
                         scheduler=scheduler, state={"step": step}, keep_last_n=1)
 
     save(1)

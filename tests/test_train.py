@@ -163,13 +163,37 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_ddp_on_two_cpu_processes(tmp_path):
+    """configs/accelerate/ddp_cpu.yaml starts 2 processes that form one DDP group: each row of the
+    metrics records both ranks, which trained on different documents (different losses) with the
+    same all-reduced gradients (equal norms); one run prints one "done" line."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "-m", "cli.main", "train", *TINY, f"train.out_dir={run}", "train.steps=2", "train.save_every=2"]
+           str(ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"), "-m", "cli.main", "train", *TINY,
+           f"train.out_dir={run}", "train.steps=2", "train.save_every=2"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(run)] == [2]
     rows = losses(run)
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["samples_per_s"] > 0 for r in rows)
+    for r in rows:
+        assert r["world_size"] == 2 and r["engine"] == "ddp", r
+        assert len(r["rank_losses"]) == 2 and r["rank_losses"][0] != r["rank_losses"][1]  # own documents
+        a, b = r["rank_grad_norms"]
+        assert a > 0 and abs(a - b) <= 1e-6 * a, r  # gradients agreed after the all-reduce
+        assert r["samples_per_s"] > 0
+    assert done.stdout.count("done at step 2") == 1, done.stdout
+
+
+def test_fsdp_where_it_cannot_run_is_one_clear_line(tmp_path):
+    """An FSDP launch config on a CPU machine stops before training instead of starting copies."""
+    if torch.cuda.is_available():
+        pytest.skip("FSDP can run here")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true"}
+    done = subprocess.run(_cli("train", *TINY, f"train.out_dir={run}", "train.steps=1"), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "asks for FSDP" in err[0] and "ddp_cpu.yaml" in err[0], done.stderr
+    assert not list_checkpoints(run)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmgen.data.tokenizer import SpecialIds
+from mmgen.models.mmfs import one_element_params
 
 
 def text_token_mask(input_ids: torch.Tensor, segment_ids: torch.Tensor, special: SpecialIds) -> torch.Tensor:
@@ -109,7 +110,9 @@ class ContrastiveHead(nn.Module):
         super().__init__()
         self.image_proj = nn.Linear(dim, embed_dim, bias=False)  # bias-free, as in CLIP
         self.text_proj = nn.Linear(dim, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # 1 element, not 0-dim, so that FSDP2 can shard it; older 0-dim checkpoints load unchanged
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / init_temperature)]))
+        self._register_load_state_dict_pre_hook(one_element_params("logit_scale"))
         self.max_log_scale = math.log(max_logit_scale)
 
     def embed_images(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -123,12 +126,12 @@ class ContrastiveHead(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit scale), at most ``max_logit_scale``."""
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+        return self.logit_scale.clamp(max=self.max_log_scale).exp().reshape(())
 
     def loss(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Symmetric InfoNCE of n pairs of unit embeddings (n, E); pair i is image i with text i."""
         if image.shape[0] == 0:
-            return image.new_zeros(()) + 0.0 * self.logit_scale  # keeps the graph (and DDP) happy
+            return image.new_zeros(()) + 0.0 * self.logit_scale.sum()  # keeps the graph (and DDP) happy
         logits = self.scale() * image @ text.T  # (n, n) image × text
         target = torch.arange(image.shape[0], device=image.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

@@ -17,8 +17,11 @@ One training step (docs/DESIGN.md §1–§7):
    layers (``mmgen.models.contrastive``).
 
 A checkpoint folder (``save_pretrained``) holds ``model.safetensors``, the fully resolved
-``config.yaml`` and ``tokenizer/``. Components of real configs are built from their local
-folders (the ``pretrained`` fields), so those folders must exist when a checkpoint is loaded.
+``config.yaml`` (with the sizes of the components as loaded) and ``tokenizer/``. Components of
+real configs are built from their local folders (the ``pretrained`` fields): the tensors of a
+frozen component read from such a base folder are not saved again (``base.json`` names the
+folders), so those folders must exist when a checkpoint is loaded; ``mmgen.models.export``
+writes a folder that stands alone.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -33,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mmgen.config import Config, ConfigError, config_from_dict
 from mmgen.data.collate import IGNORE, Batch, collate, encode_document, truncate
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 CHECKSUMS_NAME = "checksums.json"
+BASE_NAME = "base.json"  # the base folders whose frozen tensors the weights file leaves out
 TOKENIZER_DIR = "tokenizer"
 FREEZE_GROUPS = ("vision", "llm", "sync", "decoder")
 
@@ -74,7 +79,8 @@ class MMInterleaved(nn.Module):
         self.special = special_ids(tokenizer)
         self.vision = VisionEncoder(m.vision)
         C, L = self.vision.out_dim, self.vision.num_levels
-        lm = build_llm(m.llm, len(tokenizer))
+        # a frozen LLM is read in the dtype it runs in: no full-precision copy on the way
+        lm = build_llm(m.llm, len(tokenizer), dtype=torch.float32 if m.llm.trainable else _frozen_dtype(cfg))
         self.llm = MMFSLanguageModel(lm, m.mmfs, value_dim=C, num_levels=L, text_only_layers=m.llm.text_only_layers,
                                      gradient_checkpointing=m.llm.gradient_checkpointing)
         D = lm.get_input_embeddings().embedding_dim
@@ -83,6 +89,8 @@ class MMInterleaved(nn.Module):
                                     vocab_size=len(tokenizer))
         self.contrastive = ContrastiveHead(D, m.llm.contrastive_dim) if m.llm.text_only_layers else None
         self.set_trainable()
+        self._cast_frozen()
+        self.cfg = self.cfg if m.llm.pretrained is None and m.vision.pretrained is None else _loaded_sizes(self)
 
     @property
     def device(self) -> torch.device:
@@ -216,7 +224,7 @@ class MMInterleaved(nn.Module):
             image_emb, text_emb = self.contrastive_pairs(batch, image_embeds, out.hidden_states)
             losses["contrastive_loss"] = self.contrastive.loss(image_emb, text_emb)
         elif w.contrastive:
-            losses["contrastive_loss"] = 0.0 * self.contrastive.logit_scale
+            losses["contrastive_loss"] = 0.0 * self.contrastive.logit_scale.sum()
         if w.contrastive:
             losses["loss"] = losses["loss"] + w.contrastive * losses["contrastive_loss"]
         return losses
@@ -301,6 +309,47 @@ class MMInterleaved(nn.Module):
         if self.decoder.vae is not None:
             self.decoder.vae.requires_grad_(False)
 
+    def frozen_dtype(self) -> torch.dtype:
+        """``model.frozen_dtype``; "auto" follows ``train.mixed_precision``."""
+        return _frozen_dtype(self.cfg)
+
+    def _cast_frozen(self) -> None:
+        """Frozen components (no trainable parameter) in :meth:`frozen_dtype`; trainable ones stay fp32."""
+        dtype = self.frozen_dtype()
+        if dtype == torch.float32:
+            return
+        for module in (self.vision.tower, self.llm.lm, self.decoder.unet, self.decoder.vae):
+            if module is not None and not any(p.requires_grad for p in module.parameters()):
+                module.to(dtype)
+
+    def base_folders(self) -> dict[str, str]:
+        """State-dict prefix → base folder, for the frozen components read from a folder (training
+        leaves them as loaded, so checkpoints do not store them again)."""
+        m, out = self.cfg.model, {}
+        frozen = lambda mod: not any(p.requires_grad for p in mod.parameters())  # noqa: E731
+        if m.vision.pretrained and frozen(self.vision.tower):
+            out["vision.tower."] = m.vision.pretrained
+        if m.llm.pretrained and frozen(self.llm.lm):
+            out["llm.lm."] = m.llm.pretrained
+        if m.decoder.pretrained and self.decoder.vae is not None:
+            out["decoder.vae."] = m.decoder.pretrained
+        if m.decoder.pretrained and frozen(self.decoder.unet):
+            out["decoder.unet."] = m.decoder.pretrained
+        return out
+
+    def base_keys(self, keys) -> set[str]:
+        """Those of ``keys`` that come unchanged from a base folder. Not among them: token embeddings
+        resized for the tokenizer (the new rows are this model's) and a widened UNet input."""
+        prefixes = tuple(self.base_folders())
+        if not prefixes:
+            return set()
+        own = {f"decoder.unet.conv_in.{n}" for n in ("weight", "bias")} if self.decoder.previous_image else set()
+        if "llm.lm." in prefixes and _resized(self.cfg.model.llm.pretrained, self.llm.lm):
+            embeds = [self.llm.lm.get_input_embeddings(), self.llm.lm.get_output_embeddings()]
+            ids = {id(e.weight) for e in embeds if e is not None}
+            own |= {f"llm.lm.{n}" for n, p in self.llm.lm.named_parameters(remove_duplicate=False) if id(p) in ids}
+        return {k for k in keys if k.startswith(prefixes) and k not in own}
+
     def param_groups(self) -> list[dict]:
         """AdamW parameter groups of the trainable parameters: name, params, lr, weight_decay.
 
@@ -328,19 +377,39 @@ class MMInterleaved(nn.Module):
 
     # --- checkpoints -----------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``model.safetensors`` (shared tensors stored once), ``config.yaml``, ``tokenizer/``."""
+    def save_pretrained(self, folder: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None,
+                        whole: bool = False) -> Path:
+        """Write ``model.safetensors``, ``config.yaml``, ``tokenizer/`` and ``base.json``.
+
+        The weights file holds every tensor but those of frozen components read from a base
+        folder (all of them with ``whole``); shared tensors are stored once, nothing is copied.
+        ``state_dict`` replaces the model's own (e.g. whole tensors gathered from FSDP shards).
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "mmgen"})
+        state = self.state_dict() if state_dict is None else state_dict
+        base = set() if whole else self.base_keys(state)
+        save_file(_store_once({k: v for k, v in state.items() if k not in base}), str(folder / WEIGHTS_NAME),
+                  metadata={"format": "pt", "library": "mmgen"})
+        if base:  # what the weights file leaves out, and where it is read from
+            (folder / BASE_NAME).write_text(json.dumps({"folders": self.base_folders(),
+                                                        "tensors_left_out": len(base)}, indent=2) + "\n")
         (folder / CHECKSUMS_NAME).write_text(json.dumps({WEIGHTS_NAME: file_sha256(folder / WEIGHTS_NAME)}) + "\n")
         (folder / CONFIG_NAME).write_text(self.cfg.to_yaml(), encoding="utf-8")
         self.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> MMInterleaved:
-        """Load a folder written by :meth:`save_pretrained` (safetensors only, strict keys)."""
+    def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu",
+                        overrides: list[str] | tuple[str, ...] = (), low_memory: bool | None = None) -> MMInterleaved:
+        """Load a folder written by :meth:`save_pretrained` (safetensors only, strict keys): the model
+        is rebuilt from the base folders its config names (``overrides`` such as
+        ``model.llm.pretrained=/new/place`` point at moved ones), then the file's tensors are read
+        into it a chunk at a time from the memory-mapped file.
+
+        For inference the whole model takes one dtype: bfloat16 with ``low_memory`` (default: the
+        ``MMGEN_LOW_MEMORY`` environment variable, which ``mmgen generate --low-memory`` sets), else
+        that of its frozen parts (``model.frozen_dtype``)."""
         folder = Path(folder)
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR) if not (folder / name).exists()]
         if missing:
@@ -352,23 +421,122 @@ class MMInterleaved(nn.Module):
             raw = yaml.safe_load((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ValueError(f"{folder / CONFIG_NAME}: not valid YAML: {e}") from None
+        from mmgen.config import _apply_override
+
+        raw = raw or {}
         try:
-            cfg = config_from_dict(raw or {})
+            for item in overrides:
+                _apply_override(raw, item)
+            cfg = config_from_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{folder / CONFIG_NAME}: {e}; this must be the config saved with the weights — "
                               "undo the edit, or load it with the mmgen version that wrote it") from None
+        check_base_folders(cfg, folder)
         verify_checksum(folder, WEIGHTS_NAME)
         model = cls(cfg, load_tokenizer(folder / TOKENIZER_DIR))
+        model.load_weights(folder)
+        if low_memory is None:
+            low_memory = os.environ.get("MMGEN_LOW_MEMORY", "") not in ("", "0", "false")
+        dtype = torch.bfloat16 if low_memory else model.frozen_dtype()
+        return model.to(device=device, dtype=dtype if dtype != torch.float32 else None)
+
+    def load_weights(self, folder: Path) -> None:
+        """Read ``folder/model.safetensors`` into this model, a tensor at a time from the mapped file
+        (no second copy of the model); every tensor not from a base folder must be in the file."""
+        path = Path(folder) / WEIGHTS_NAME
+        missing: set[str] | None = None
+        unexpected: list[str] = []
         try:
-            load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                while keys:  # chunks of about 256 MB: memory of the model plus one chunk
+                    chunk, size = {}, 0
+                    while keys and size < 1 << 28:
+                        key = keys.pop(0)
+                        chunk[key] = t = f.get_tensor(key)
+                        size += t.numel() * t.element_size()
+                    result = self.load_state_dict(chunk, strict=False)
+                    del chunk
+                    unexpected += result.unexpected_keys
+                    missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
         except SafetensorError as e:
-            raise ValueError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file ({e}); it is damaged "
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); it is damaged "
                              "or was cut short — copy it again or use another checkpoint") from None
         except RuntimeError as e:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME}: {weights_mismatch(e)}; the "
+            raise ValueError(f"{path} does not match {CONFIG_NAME}: {weights_mismatch(e)}; the "
                              f"weights were saved with another model config — use the {CONFIG_NAME} saved "
                              "with them") from None
-        return model.to(device)
+        state_keys = set(self.state_dict())
+        missing = (state_keys if missing is None else missing) - self.base_keys(state_keys) - _shared_names(self)
+        if missing or unexpected:
+            parts = [f"{len(keys)} tensor{'s' if len(keys) != 1 else ''} {what} (e.g. {sorted(keys)[0]})"
+                     for keys, what in ((missing, "missing from the file"),
+                                        (unexpected, "in the file but not in the model")) if keys]
+            what = ", ".join(parts)
+            raise ValueError(f"{path} does not match {CONFIG_NAME}: {what}; the weights were saved with another "
+                             f"model config — use the {CONFIG_NAME} saved with them")
+
+
+def _frozen_dtype(cfg: Config) -> torch.dtype:
+    name = cfg.model.frozen_dtype
+    if name == "auto":
+        name = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.mixed_precision, "float32")
+    return getattr(torch, name)
+
+
+def check_base_folders(cfg: Config, folder: Path) -> None:
+    """Every base folder ``cfg`` names must exist: a moved one is named with the override to use."""
+    m = cfg.model
+    for key, where in (("model.vision.pretrained", m.vision.pretrained), ("model.llm.pretrained", m.llm.pretrained),
+                       ("model.decoder.pretrained", m.decoder.pretrained)):
+        if where is not None and not Path(where).expanduser().exists():
+            raise FileNotFoundError(f"{folder}: its base folder {where} ({key} in {CONFIG_NAME}) does not exist — "
+                                    f"it has moved or is on another machine; point at it with the override "
+                                    f"{key}=<its new place>")
+
+
+def _resized(pretrained: str, lm: nn.Module) -> bool:
+    """Whether the LLM's token embeddings were grown past its folder's vocabulary."""
+    try:
+        n = json.loads((Path(pretrained).expanduser() / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError):
+        return True
+    return lm.get_input_embeddings().num_embeddings != n
+
+
+def _store_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors sharing memory (tied embeddings) kept under their first name; contiguous, not copied."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        mark = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else (k,)
+        if mark not in seen:
+            seen.add(mark)
+            out[k] = v.detach().contiguous()
+    return out
+
+
+def _shared_names(model: nn.Module) -> set[str]:
+    """State-dict names of tensors that share memory with an earlier name (stored once)."""
+    state = model.state_dict()
+    return set(state) - set(_store_once(state))
+
+
+def _loaded_sizes(model: MMInterleaved) -> Config:
+    """The config with the sizes of the components as loaded from their folders (what ran)."""
+    raw = model.cfg.to_dict()
+    m = raw["model"]
+    if m["llm"]["pretrained"] is not None:
+        c = model.llm.lm.config
+        m["llm"].update(hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+                        max_position_embeddings=c.max_position_embeddings)
+        if getattr(c, "intermediate_size", None):
+            m["llm"]["intermediate_size"] = c.intermediate_size
+    if m["vision"]["pretrained"] is not None:
+        c = model.vision.tower.config
+        m["vision"].update(image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
+                           num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+                           intermediate_size=c.intermediate_size)
+    return config_from_dict(raw)
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -252,11 +252,26 @@ class MMFS(nn.Module):
         return out * has_image.to(out.dtype)
 
 
+def one_element_params(*names: str):
+    """A load-state-dict pre-hook that reshapes the 0-dim tensors ``names`` of older checkpoints to
+    the 1-element parameters they are now."""
+
+    def hook(state_dict, prefix, *args) -> None:
+        for name in names:
+            t = state_dict.get(prefix + name)
+            if t is not None and t.ndim == 0:
+                state_dict[prefix + name] = t.reshape(1)
+
+    return hook
+
+
 class GatedMMFS(nn.Module):
     """Residual MMFS branch for the LLM: ``tanh(gate) * MMFS(LayerNorm(hidden))``.
 
-    The gate is a scalar initialised to 0, so the branch is exactly 0 at step 0 and the
+    The gate is one number initialised to 0, so the branch is exactly 0 at step 0 and the
     wrapped LLM reproduces the plain one. The caller adds the output to the residual stream.
+    It is a 1-element tensor, not a 0-dim one, so that FSDP2 can shard it; checkpoints that
+    stored it 0-dim load unchanged (:func:`one_element_params`).
     """
 
     def __init__(self, query_dim: int, value_dim: int, *, hidden_size: int, num_heads: int,
@@ -265,7 +280,8 @@ class GatedMMFS(nn.Module):
         self.norm = nn.LayerNorm(query_dim, eps=eps)
         self.mmfs = MMFS(query_dim, value_dim, hidden_size=hidden_size, num_heads=num_heads,
                          num_points=num_points, num_levels=num_levels, max_images=max_images)
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = nn.Parameter(torch.zeros(1))
+        self._register_load_state_dict_pre_hook(one_element_params("gate"))
 
     def prepare_values(self, features: list[Tensor]) -> list[Tensor]:
         """See :meth:`MMFS.prepare_values`."""

@@ -90,11 +90,12 @@ def atomic_checkpoint(run: Path, step: int, keep_last_n: int) -> Iterator[Path]:
         _remove(old)
 
 
-def save_checkpoint(run: Path, step: int, *, save_model: Callable[[Path], None], raw_state: dict,
-                    ema_state: dict | None, optimizer, scheduler, state: dict, keep_last_n: int) -> Path:
+def save_checkpoint(run: Path, step: int, *, save_model: Callable[[Path], None], raw_state: dict | None,
+                    ema_state: dict | None, optimizer_state: dict, scheduler, state: dict, keep_last_n: int) -> Path:
     """Write ``RUN/step-{step}`` atomically and prune to the newest ``keep_last_n``.
 
-    ``save_model(folder)`` writes the model folder (with the EMA weights when EMA is on).
+    ``save_model(folder)`` writes the model folder (with the EMA weights when EMA is on);
+    ``raw_state`` (the raw trainable weights) is written only with EMA.
     """
     with atomic_checkpoint(run, step, keep_last_n) as tmp:
         save_model(tmp / "model")
@@ -104,7 +105,7 @@ def save_checkpoint(run: Path, step: int, *, save_model: Callable[[Path], None],
             save_file(_contiguous(raw_state), trainer / "weights.safetensors")
             save_file(_contiguous(ema_state["shadow"]), trainer / "ema.safetensors")
             state = {**state, "ema_num_updates": ema_state["num_updates"], "ema_decay": ema_state["decay"]}
-        torch.save(optimizer.state_dict(), trainer / "optimizer.pt")
+        torch.save(optimizer_state, trainer / "optimizer.pt")
         torch.save(scheduler.state_dict(), trainer / "scheduler.pt")
         (trainer / "state.json").write_text(json.dumps(state, indent=2))
     return step_dir(run, step)
@@ -139,7 +140,7 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 def _load_tensors(path: Path) -> Any:
     """``torch.load`` that only accepts tensors and plain containers (never runs code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as used, not copied whole
 
 
 def _read(path: Path, loader: Callable[[Path], Any], *, optional: bool = False) -> Any:

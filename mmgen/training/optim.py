@@ -15,11 +15,17 @@ from torch import nn
 
 from ..config import TrainConfig
 
-def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the model's parameter groups (``model.param_groups()``: lr and decay per group)."""
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the model's parameter groups (``model.param_groups()``: lr and decay per group);
+    with ``train.low_memory`` an 8-bit AdamW or Adafactor (:mod:`mmgen.training.low_memory`)."""
     groups = model.param_groups()
     if not groups:
         raise ValueError("nothing to train: every freeze group (vision, llm, sync, decoder) is frozen")
+    if cfg.low_memory:
+        from .low_memory import low_memory_optimizer
+
+        optimizer, _ = low_memory_optimizer(groups, betas=cfg.betas, eps=cfg.eps)
+        return optimizer
     return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -46,6 +52,7 @@ class EMA:
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.Tensor]], decay: float):
+        # made from the prepared model: under FSDP2 each shadow is a DTensor shard like its parameter
         self.decay = decay
         self.num_updates = 0
         self.shadow = {name: p.detach().clone().float() for name, p in params}
@@ -64,10 +71,24 @@ class EMA:
                 p.copy_(self.shadow[name].to(p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
+        """Whole tensors (gathered from the shards under FSDP2: every rank must call this)."""
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "shadow": {k: _full(v) for k, v in self.shadow.items()}}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        """Whole tensors in; each shadow keeps its own shard under FSDP2."""
         self.decay = state["decay"]
         self.num_updates = state["num_updates"]
         for name, t in state["shadow"].items():
-            self.shadow[name].copy_(t)
+            here = self.shadow[name]
+            t = t.reshape(here.shape) if t.numel() == here.numel() else t  # 0-dim gates of older runs
+            if hasattr(here, "device_mesh"):  # a DTensor shard
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(here.dtype), here.device_mesh, here.placements)
+            here.copy_(t)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -22,6 +22,9 @@ from ..config import Config
 from .checkpoint import CheckpointError, load_trainer_state, remove_partial, resolve_resume, save_checkpoint
 from .data import DocumentStream
 from .loader import BatchLoader
+from .distributed import (EngineError, accelerator_kwargs, check_engine, configure_fsdp, full_model_state,
+                          full_optimizer_state, is_sharded, load_full_optimizer_state)
+from .low_memory import enable_checkpointing
 from .optim import EMA, build_optimizer, build_scheduler
 from .plot import plot_losses, read_metrics
 
@@ -36,6 +39,9 @@ class TrainResult:
     step: int
     last_checkpoint: Path | None
     interrupted: bool = False
+    main: bool = True  # the main process of the run (the one that reports)
+    engine: str = "single"  # "single", "ddp", "fsdp2", "fsdp1" or "deepspeed"
+    world_size: int = 1
 
 
 class StopOnInterrupt:
@@ -85,13 +91,17 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        **accelerator_kwargs(),
     )
+    try:
+        engine = check_engine(accelerator)
+    except EngineError as e:
+        raise TrainingError(str(e)) from None
     rank, main = accelerator.process_index, accelerator.is_main_process
     run = Path(tc.out_dir)
     ckpt = resolve_resume(resume, run)
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.yaml").write_text(cfg.to_yaml())
         for partial in remove_partial(run):
             print(f"removed {partial.name}, a checkpoint whose save was cut short")
 
@@ -104,18 +114,28 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     else:
         tokenizer = build_tokenizer(cfg)
     torch.manual_seed(tc.seed)
-    model = MMInterleaved(cfg, tokenizer)
+    try:
+        model = MMInterleaved(cfg, tokenizer)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        raise TrainingError(out_of_memory(e, "building the model", None)) from None
+    if main:  # the sizes of the model as loaded (a pretrained folder's, not the config's numbers)
+        (run / "config.yaml").write_text(model.cfg.to_yaml())
     if init:
         new = _init_weights(model, init)
         if main:
             print(f"initialised from {init}" + (f"; new in this config: {', '.join(new)}" if new else ""))
+    if tc.low_memory:
+        what = enable_checkpointing(model)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ema = EMA(trainable, tc.ema_decay) if tc.ema_decay else None
+    if tc.low_memory and main:
+        print(f"low memory: gradient checkpointing in {', '.join(what)}; optimizer {type(optimizer).__name__}; "
+              f"frozen parts in {str(model.frozen_dtype()).removeprefix('torch.')}")
 
-    # 2. resume: weights, optimiser, schedule, EMA, step
-    start, samples_seen = 0, 0
+    # 2. resume: weights (before sharding), then optimiser, schedule, EMA, step (after)
+    start, samples_seen, saved = 0, 0, None
     if ckpt is not None:
         saved = load_trainer_state(ckpt)
         if saved["raw"] is not None:  # EMA runs keep the raw training weights apart
@@ -129,8 +149,23 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                 raise TrainingError(_MISMATCH.format(ckpt=ckpt, what=what))
         else:
             _load_model_weights(model, ckpt / "model")
+        saved["raw"] = None  # loaded: no second copy of the weights
+        start, samples_seen = saved["state"]["step"], saved["state"].get("samples_seen", 0)
+    if main and ckpt is None:  # steps after the checkpoint are done again: drop their rows
+        _trim_metrics(run / "metrics.jsonl", start)
+
+    if engine.startswith("fsdp"):
+        names = configure_fsdp(accelerator, model)
+        if main:
+            print(f"FSDP wraps {', '.join(names)}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    # the EMA copy is made from the prepared (under FSDP2: sharded) parameters
+    ema = EMA([(n, p) for n, p in raw_model.named_parameters() if p.requires_grad], tc.ema_decay) \
+        if tc.ema_decay else None
+    if saved is not None:
         try:
-            optimizer.load_state_dict(saved["optimizer"])
+            _load_optimizer(raw_model, optimizer, saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise TrainingError(f"{ckpt}: its optimiser or schedule state does not fit this config ({e}); the "
@@ -139,40 +174,40 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
         if ema is not None and saved["ema"] is not None:
             ema.load_state_dict({"decay": tc.ema_decay, "num_updates": saved["state"].get("ema_num_updates", 0),
                                  "shadow": saved["ema"]})
-        start, samples_seen = saved["state"]["step"], saved["state"].get("samples_seen", 0)
+        del saved  # the optimiser holds its state now: no second copy
         if main:
+            _trim_metrics(run / "metrics.jsonl", start)
             print(f"resumed from {ckpt} at step {start}")
-    if main:  # steps after the checkpoint are done again: drop their rows
-        _trim_metrics(run / "metrics.jsonl", start)
-
-    model, optimizer = accelerator.prepare(model, optimizer)
     end = min(tc.steps, max_steps) if max_steps is not None else tc.steps
     # micro-batches are read, decoded and collated ahead, in data.num_workers processes
     loader = BatchLoader(cfg, tokenizer, seed=tc.seed, rank=rank, start=start, end=end,
                          world=accelerator.num_processes)
-    raw_model = accelerator.unwrap_model(model)
 
-    def save(step: int) -> Path:
-        state = {"step": step, "seed": tc.seed, "samples_seen": samples_seen,
+    def save(step: int) -> Path | None:
+        """Every rank calls this (sharded tensors are gathered together); the main one writes."""
+        state = {"step": step, "seed": tc.seed, "samples_seen": samples_seen, "engine": engine,
+                 "world_size": accelerator.num_processes,
                  "data_position": {"step": step, "note": "documents are a function of (seed, step, micro, rank)"}}
-        raw_state = {n: p.detach().clone() for n, p in raw_model.named_parameters() if p.requires_grad}
-
-        def save_model(folder: Path) -> None:
-            if ema is not None:
-                ema.copy_to(raw_model)
-            try:
-                raw_model.save_pretrained(folder)
-            finally:
-                if ema is not None:
-                    with torch.no_grad():
-                        for n, p in raw_model.named_parameters():
-                            if n in raw_state:
-                                p.copy_(raw_state[n])
-
-        path = save_checkpoint(run, step, save_model=save_model, raw_state=raw_state,
-                               ema_state=ema.state_dict() if ema else None, optimizer=optimizer,
+        sharded = is_sharded(raw_model)
+        if not sharded and not main:
+            return None
+        optim_state = full_optimizer_state(raw_model, optimizer.optimizer if sharded else optimizer)
+        ema_state = ema.state_dict() if ema else None
+        # raw weights apart only with EMA (the model folder then holds the EMA weights); else no copy
+        raw_state = full_model_state(raw_model, trainable_only=True) if ema else None
+        weights = None
+        if ema is not None:
+            weights = full_model_state(raw_model)
+            weights.update({k: v.to(weights[k].dtype) for k, v in ema_state["shadow"].items()})
+        elif sharded:
+            weights = full_model_state(raw_model)
+        if not main:
+            return None
+        if sharded:
+            state["optimizer_format"] = "full_state_dict"
+        return save_checkpoint(run, step, save_model=lambda folder: raw_model.save_pretrained(folder, state_dict=weights),
+                               raw_state=raw_state, ema_state=ema_state, optimizer_state=optim_state,
                                scheduler=scheduler, state=state, keep_last_n=tc.keep_last_n)
-        return path
 
     # 3. Ctrl-C: finish the step in flight, save, stop
     stop = StopOnInterrupt()
@@ -184,6 +219,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     model.train()
     step = start
     t_last, samples_last = time.perf_counter(), samples_seen
+    phase = "the forward pass"
     try:
         while step < end and not stop.requested:
             # 4. one optimiser step over grad_accum micro-batches
@@ -191,6 +227,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
             for micro in range(tc.grad_accum):
                 _seed_everything(tc.seed, step, micro, rank)
                 batch = loader.next(step, micro).to(accelerator.device)
+                phase = "the forward pass"
                 with accelerator.autocast():
                     out = model(batch, image_loss_limit=tc.image_loss_limit)
                 loss = out["loss"]
@@ -200,6 +237,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                         f"is {last_ckpt or 'none (no checkpoint was written yet)'} and was left untouched. "
                         "Try a lower train.lr or train.grad_clip.")
                 sync = micro == tc.grad_accum - 1
+                phase = "the backward pass"
                 with (accelerator.no_sync(model) if not sync else nullcontext()):
                     accelerator.backward(loss / tc.grad_accum)
                 for k, v in out.items():  # every loss the model returns (e.g. contrastive_loss) is logged
@@ -207,6 +245,8 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                 samples_seen += batch.input_ids.shape[0] * accelerator.num_processes
             # the norm before clipping is logged: how often it exceeds the clip says how much clipping slows training
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            ranks = _per_rank(accelerator, totals["loss"], grad_norm) if accelerator.num_processes > 1 else None
+            phase = "the optimiser step"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -223,6 +263,8 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                        "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else None,
                        "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sps, 3),
                        **loader.log_fields()}  # bad records skipped so far (this process)
+                if ranks is not None:  # what each process saw: its own data, the same synchronised gradients
+                    row.update(world_size=accelerator.num_processes, engine=engine, **ranks)
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 bar.set_postfix(text=f"{totals['text_loss']:.3f}", image=f"{totals['image_loss']:.4f}",
@@ -230,21 +272,69 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
             bar.update(1)
             if step % tc.save_every == 0 or step == end:
                 accelerator.wait_for_everyone()
-                if main:
-                    last_ckpt = save(step)
+                last_ckpt = save(step) or last_ckpt
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        raise TrainingError(out_of_memory(e, f"{phase} of step {step + 1}", last_ckpt)) from None
     finally:
         loader.close()
         bar.close()
         stop.restore()
     if stop.requested:
         accelerator.wait_for_everyone()
-        if main and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}")):
-            last_ckpt = save(step)
-            print(f"saved {last_ckpt}; resume with --resume auto")
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}"):
+            last_ckpt = save(step) or last_ckpt
+            if main:
+                print(f"saved {last_ckpt}; resume with --resume auto")
     if main and metrics_file.exists():
         plot_losses(read_metrics(metrics_file), run / "loss.png")
     accelerator.wait_for_everyone()
-    return TrainResult(run, step, last_ckpt, interrupted=stop.requested)
+    return TrainResult(run, step, last_ckpt, interrupted=stop.requested, main=main, engine=engine,
+                       world_size=accelerator.num_processes)
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def out_of_memory(e: BaseException, part: str, last_ckpt: Path | None) -> str:
+    """One line: which part ran out of memory, how much it asked for, what to try."""
+    import re
+
+    m = re.search(r"(?:tried to allocate|allocate memory: you tried to allocate)\s+([\d.]+)\s*(bytes|[KMG]i?B)",
+                  str(e), re.IGNORECASE)
+    need = ""
+    if m:
+        n, unit = float(m[1]), m[2]
+        n = n / 2**30 if unit == "bytes" else n / 1024 if unit.upper().startswith("M") else n
+        need = f" (one more allocation of {n:.2f} GiB did not fit)"
+    return (f"out of memory in {part}{need}; the last checkpoint "
+            f"{'is ' + str(last_ckpt) + ', untouched' if last_ckpt else 'does not exist yet'} — try --low-memory, "
+            "a smaller data.seq_len or train.image_loss_limit")
+
+
+def _per_rank(accelerator, loss: float, grad_norm) -> dict:
+    """Every rank's loss (its own documents) and gradient norm (the same after DDP's all-reduce)."""
+    norm = float(grad_norm) if grad_norm is not None else float("nan")
+    both = accelerator.gather(torch.tensor([[loss, norm]], dtype=torch.float64, device=accelerator.device))
+    return {"rank_losses": [round(float(x), 6) for x in both[:, 0]],
+            "rank_grad_norms": [float(x) for x in both[:, 1]]}
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer, state: dict) -> None:
+    """The saved optimiser state into the prepared optimiser; moments of 1-element parameters saved
+    0-dim by older runs (the MMFS gates) take the parameter's shape."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if is_sharded(model):
+        load_full_optimizer_state(model, inner, state)
+        return
+    inner.load_state_dict(state)
+    for p, st in inner.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.ndim == 0 and p.ndim == 1 and p.numel() == 1 and k != "step":
+                st[k] = v.reshape(1)
 
 
 def _buffers(model: torch.nn.Module) -> set[str]:
@@ -330,21 +420,23 @@ def _widen_inputs(model: torch.nn.Module, state: dict) -> list[str]:
 
 def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
-    from ..models.mm_interleaved import verify_checksum, weights_mismatch
+    from ..models.mm_interleaved import verify_checksum
 
-    path = folder / "model.safetensors"
     try:
-        verify_checksum(folder, path.name)
-        load_model(model, str(path), strict=True)
-    except ValueError as e:  # the recorded checksum differs
+        verify_checksum(folder, "model.safetensors")
+        model.load_weights(folder)
+    except ValueError as e:  # the recorded checksum differs, or the tensors do not fit
+        if "does not match" in str(e):
+            raise TrainingError(_MISMATCH.format(ckpt=folder.parent, what=str(e).split(": ", 1)[-1])) from None
+        if "not a readable safetensors file" in str(e):
+            why = str(e).split("safetensors file (", 1)[-1].split("); it is damaged")[0]
+            raise TrainingError(f"{folder / 'model.safetensors'}: cannot resume from it ({why}); it is damaged — "
+                                "resume from another step-* folder or start afresh") from None
         raise TrainingError(f"cannot resume: {e}") from None
     except (SafetensorError, OSError) as e:
-        raise TrainingError(f"{path}: cannot resume from it ({str(e).splitlines()[0]}); it is damaged — "
-                            "resume from another step-* folder or start afresh") from None
-    except RuntimeError as e:
-        raise TrainingError(_MISMATCH.format(ckpt=folder.parent, what=weights_mismatch(e))) from None
+        raise TrainingError(f"{folder / 'model.safetensors'}: cannot resume from it ({str(e).splitlines()[0]}); it "
+                            "is damaged — resume from another step-* folder or start afresh") from None
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,118 @@
+"""Real scale on tiny stand-ins: checkpoints that leave the base folders' frozen tensors out and
+load back whole, moved base folders, recorded sizes, 1-element gates (old 0-dim ones load),
+frozen parts in the compute dtype, --low-memory, string overrides, the out-of-memory line, and
+configs/mm_interleaved_small.yaml."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmgen.config import load_config
+from mmgen.data.collate import Collator
+from mmgen.data.tokenizer import build_tokenizer
+from mmgen.models.mm_interleaved import MMInterleaved
+from mmgen.training.trainer import out_of_memory, train
+
+from .test_model import first_batch, losses, save_real_folders
+from .test_train import TINY, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def real_config(root, *extra):
+    return load_config(overrides=[
+        "data.seq_len=96", f"model.llm.pretrained={root / 'llama'}", f"model.vision.pretrained={root / 'clip'}",
+        f"model.decoder.pretrained={root / 'sd'}", "model.decoder.use_vae=true", "model.decoder.coord_channels=false",
+        "model.mmfs.every_k=1", "model.vision.trainable=false", "model.llm.trainable=false",
+        "model.llm.hidden_size=999", "model.llm.num_heads=9", *extra])  # sizes the folders overrule
+
+
+def test_a_checkpoint_holds_what_training_changes_and_loads_whole(tmp_path):
+    save_real_folders(tmp_path)
+    cfg = real_config(tmp_path)
+    model = MMInterleaved(cfg, build_tokenizer(cfg)).eval()
+    assert (model.cfg.model.llm.hidden_size, model.cfg.model.llm.num_heads) == (64, 4)  # as loaded
+    model.save_pretrained(tmp_path / "ckpt")
+    stored = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert not any(k.startswith(("vision.tower.", "decoder.vae.")) for k in stored)
+    assert not any(k.startswith("llm.lm.") for k in stored)  # frozen, and its vocabulary fits the tokenizer
+    assert any(k.startswith("decoder.unet.") for k in stored)  # trainable: saved
+    base = json.loads((tmp_path / "ckpt" / "base.json").read_text())
+    assert base["folders"]["llm.lm."] == str(tmp_path / "llama") and base["tensors_left_out"] > 0
+    whole = sum(v.numel() for v in model.state_dict().values())
+    assert sum(v.numel() for v in stored.values()) < 0.8 * whole
+
+    loaded = MMInterleaved.from_pretrained(tmp_path / "ckpt").eval()
+    batch = first_batch(Collator(model.tokenizer, cfg), rows=2)
+    assert losses(model, batch) == losses(loaded, batch)
+    saved_cfg = (tmp_path / "ckpt" / "config.yaml").read_text()
+    assert "hidden_size: 64" in saved_cfg and "hidden_size: 999" not in saved_cfg
+
+    (tmp_path / "llama").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError) as e:
+        MMInterleaved.from_pretrained(tmp_path / "ckpt")
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "llama") in message and "model.llm.pretrained=" in message
+    again = MMInterleaved.from_pretrained(tmp_path / "ckpt", overrides=[f"model.llm.pretrained={tmp_path / 'moved'}"])
+    assert losses(again.eval(), batch) == losses(model, batch)
+
+
+def test_frozen_parts_take_the_compute_dtype(tmp_path):
+    save_real_folders(tmp_path)
+    model = MMInterleaved(cfg := real_config(tmp_path, "model.frozen_dtype=bfloat16"), build_tokenizer(cfg))
+    assert model.llm.lm.dtype == model.vision.tower.dtype == model.decoder.vae.dtype == torch.bfloat16
+    assert model.decoder.unet.dtype == torch.float32  # trainable: fp32
+    assert all(p.dtype == torch.float32 for p in model.llm.mmfs.parameters())
+    auto = load_config(None, ["train.mixed_precision=bf16"])
+    assert MMInterleaved.frozen_dtype(type("M", (), {"cfg": auto})()) == torch.bfloat16
+
+
+def test_gates_have_one_element_and_old_zero_dim_checkpoints_load():
+    cfg = load_config(None, [*TINY, "model.llm.text_only_layers=1", "model.mmfs.every_k=1"])
+    model = MMInterleaved(cfg, build_tokenizer(cfg))
+    gates = {k: v for k, v in model.state_dict().items() if k.endswith(".gate")}
+    assert gates and all(v.shape == (1,) for v in gates.values())
+    assert model.contrastive.logit_scale.shape == (1,)
+    old = {k: (v.reshape(()) + 0.25 if k.endswith((".gate", "logit_scale")) else v)
+           for k, v in model.state_dict().items()}  # as saved before the change
+    model.load_state_dict(old, strict=True)
+    assert all(float(model.state_dict()[k]) == 0.25 for k in gates)
+
+
+def test_overrides_keep_string_choices():
+    cfg = load_config(None, ["train.mixed_precision=no", "model.llm.pretrained=off", "model.vision.trainable=no"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.llm.pretrained == "off"
+    assert cfg.model.vision.trainable is False  # a boolean field still reads no as false
+
+
+def test_low_memory_trains_with_checkpointing_and_a_lighter_optimizer(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", "train.steps=2", "train.save_every=2", "train.low_memory=true",
+                      "train.ema_decay=null")
+    result = train(cfg, show_progress=False)
+    out = capsys.readouterr().out
+    assert "gradient checkpointing in LLM, UNet, vision tower" in out
+    assert "optimizer Adafactor" in out or "optimizer AdamW8bit" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    assert result.last_checkpoint is not None
+    assert not (result.last_checkpoint / "trainer" / "weights.safetensors").exists()  # no EMA: no weight copy
+
+
+def test_out_of_memory_is_one_line_with_the_part_the_need_and_the_switch(tmp_path):
+    e = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+    line = out_of_memory(e, "the backward pass of step 3", tmp_path / "step-000002")
+    assert "\n" not in line and "backward pass of step 3" in line and "4.00 GiB" in line
+    assert "--low-memory" in line and "data.seq_len" in line and "step-000002, untouched" in line
+
+
+def test_the_small_config_is_valid_and_fits_one_24_gb_gpu():
+    cfg = load_config(ROOT / "configs" / "mm_interleaved_small.yaml")
+    m = cfg.model
+    assert m.vision.pretrained and m.llm.pretrained and m.decoder.pretrained
+    assert not m.vision.trainable and not m.llm.trainable and m.mmfs.trainable  # the reference's choices
+    assert m.vision.hidden_size % m.vision.num_heads == 0 and m.llm.hidden_size <= 2048
+    assert cfg.train.mixed_precision == "bf16" and m.llm.gradient_checkpointing
