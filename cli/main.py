@@ -265,7 +265,9 @@ def serve_command(
 def eval_command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Model, checkpoint or run folder.")] = BUNDLED,
     tasks: Annotated[str, typer.Option(
-        "--tasks", help="Comma-separated: t2i, caption, continuation, story, zeroshot, fewshot, retrieval.")]
+        "--tasks", help="Comma-separated: t2i, caption, continuation, story, zeroshot, fewshot, retrieval; "
+                        "caption@48 / continuation@96 (given frames drawn at that size), caption@jpeg (64 px, "
+                        "JPEG quality 70).")]
     = "t2i,caption,continuation,story",
     n: Annotated[int, typer.Option("--n", min=1, help="Prompts per task.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the evaluation prompts and of sampling.")] = 0,
@@ -273,7 +275,9 @@ def eval_command(
     sampler: Annotated[Optional[str], typer.Option("--sampler", help=SAMPLER_HELP)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion sampling steps.")] = None,
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale.")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0.0, help="Text temperature.")] = 0.0,
+    temperature: Annotated[Optional[float], typer.Option(
+        "--temperature", min=0.0, help="Text temperature (default: the model's generate.temperature, as "
+                                       "`mmgen generate` uses it; 0: greedy).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 32,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, ... or auto.")] = "auto",
 ) -> None:

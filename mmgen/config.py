@@ -241,6 +241,9 @@ class DataConfig:
     max_images_per_seq: int = 16
     num_workers: int = 0  # DataLoader worker processes that read, decode and collate (0: in the main process)
     strict: bool = False  # stop at the first bad record instead of skipping and counting it
+    # ShapeStories sources: the share of frames drawn as users' files arrive (32-128 px, half of them JPEG),
+    # then resized by the loader (mmgen.data.shapes.render_as_arrived)
+    input_variety: float = 0.0
 
     def validate(self) -> None:
         from .data.corpora import SOURCE_KINDS
@@ -248,6 +251,8 @@ class DataConfig:
         _positive(self, "seq_len", "image_size", "max_images_per_seq")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must not be negative")
+        if not 0.0 <= self.input_variety <= 1.0:
+            raise ConfigError("data.input_variety must be in [0, 1]")
         if not self.sources:
             raise ConfigError("data.sources must hold at least one source")
         for i, s in enumerate(self.sources):

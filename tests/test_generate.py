@@ -87,21 +87,21 @@ def test_generate_files_writes_documents_and_reports_failures(tmp_path, checkpoi
 
 
 def test_same_seed_same_bytes(tmp_path, checkpoint):
-    txt, _ = write_prompts(tmp_path)
+    txt, jsonl = write_prompts(tmp_path)  # free continuations, and prompts whose image places are always drawn
     outs = []
     for k in range(2):
         out = tmp_path / f"out{k}"
-        generate_files([txt], out, checkpoint=checkpoint, device="cpu", settings={**FAST, "seed": 7})
+        generate_files([txt, jsonl], out, checkpoint=checkpoint, device="cpu", settings={**FAST, "seed": 7})
         outs.append(out)
-    for doc in ("stories-0000", "stories-0001"):
+    for doc in ("stories-0000", "stories-0001", "cont", "cap"):
         a, b = (json.loads((o / doc / "document.json").read_text()) for o in outs)
         assert a["segments"] == b["segments"]
         for png in sorted((outs[0] / doc / "images").glob("*.png")):
             assert png.read_bytes() == (outs[1] / doc / "images" / png.name).read_bytes()
     other = tmp_path / "other"
-    generate_files([txt], other, checkpoint=checkpoint, device="cpu", settings={**FAST, "seed": 8})
+    generate_files([txt, jsonl], other, checkpoint=checkpoint, device="cpu", settings={**FAST, "seed": 8})
     pngs = lambda o: [p.read_bytes() for p in sorted(o.glob("*/images/*.png"))]  # noqa: E731
-    assert pngs(other) != pngs(outs[0])
+    assert pngs(outs[0]) and pngs(other) != pngs(outs[0])
 
 
 def test_prompt_seed_in_meta_wins(model):

@@ -342,8 +342,37 @@ def frame_sentence(frames: list[Frame], k: int) -> str:
     return intro_sentence(frames[0]) if k == 0 else change_sentence(frames[k - 1], frames[k])
 
 
-def make_story(rng: random.Random, *, size: int = 64, story_id: str) -> Document:
-    """One story of 2-4 frames, images in memory (``Segment.image``), ground truth in meta."""
+# frames as users' files arrive: drawn at another size (the loader resizes them), PNG or JPEG
+INPUT_SIZES = (32, 48, 64, 96, 128)
+JPEG_QUALITY = (70, 95)
+
+
+def render_as_arrived(frame: Frame, size: int, rng: random.Random, variety: float = 0.0) -> Image.Image:
+    """``frame`` at ``size``; with probability ``variety``, drawn instead at a size from
+    :data:`INPUT_SIZES` and, half of those times, saved as JPEG (quality in :data:`JPEG_QUALITY`)
+    and read back. The loader (``collate.image_to_tensor``) then resizes it to the model's size,
+    so training sees the frames users hand in. ``variety`` 0 draws nothing from ``rng``."""
+    if variety <= 0 or rng.random() >= variety:
+        return render_frame(frame, size)
+    drawn = render_frame(frame, rng.choice(INPUT_SIZES))
+    if rng.random() < 0.5:
+        return jpeg_round_trip(drawn, rng.randint(*JPEG_QUALITY))
+    return drawn
+
+
+def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    """``image`` saved as JPEG at ``quality`` and decoded again (RGB)."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def make_story(rng: random.Random, *, size: int = 64, story_id: str, variety: float = 0.0) -> Document:
+    """One story of 2-4 frames, images in memory (``Segment.image``), ground truth in meta;
+    ``variety``: see :func:`render_as_arrived`."""
     _check_size(size)
     n = rng.randint(2, 4)
     order = rng.choice(("text-image", "image-text"))
@@ -351,12 +380,13 @@ def make_story(rng: random.Random, *, size: int = 64, story_id: str) -> Document
     segments: list[Segment] = []
     for k, frame in enumerate(frames):
         text = Segment("text", text=frame_sentence(frames, k))
-        image = Segment("image", image=render_frame(frame, size))
+        image = Segment("image", image=render_as_arrived(frame, size, rng, variety))
         segments += [text, image] if order == "text-image" else [image, text]
     return Document(story_id, segments, meta={"kind": "story", "shapes": _truth(frames, changes, size, order=order)})
 
 
-def make_pairs(rng: random.Random, *, size: int = 64, doc_id: str, text_first: float = 0.75) -> Document:
+def make_pairs(rng: random.Random, *, size: int = 64, doc_id: str, text_first: float = 0.75,
+               variety: float = 0.0) -> Document:
     """2-4 independent frames, each with its introduction sentence: a document of caption pairs.
 
     Not a story (no object carries over from one pair to the next); a training source that gives
@@ -374,7 +404,7 @@ def make_pairs(rng: random.Random, *, size: int = 64, doc_id: str, text_first: f
     segments: list[Segment] = []
     for frame in frames:
         text = Segment("text", text=intro_sentence(frame))
-        image = Segment("image", image=render_frame(frame, size))
+        image = Segment("image", image=render_as_arrived(frame, size, rng, variety))
         segments += [text, image] if order == "text-image" else [image, text]
     return Document(doc_id, segments,
                     meta={"kind": "captions", "shapes": _truth(frames, [None] * n, size, order=order, pairs=True)})
@@ -444,8 +474,13 @@ def write_corpus(
 # evaluation prompts
 
 
-def eval_prompts(task: str, n: int, seed: int, size: int = 64) -> list[Document]:
+def eval_prompts(task: str, n: int, seed: int, size: int = 64, *, input_size: int | None = None,
+                 jpeg: int | None = None) -> list[Document]:
     """``n`` prompts for one evaluation task, ground truth in ``meta["shapes"]``.
+
+    The prompt's frames are drawn at ``input_size`` (default ``size``) and, with ``jpeg``, saved
+    as JPEG at that quality and read back: frames as a user's files arrive. The prompts are the
+    same whatever the frames' form.
 
     - ``t2i``: intro sentence, image placeholder; truth: frame 1 (background not scored).
     - ``caption``: image, text placeholder; truth: frame 1.
@@ -460,6 +495,13 @@ def eval_prompts(task: str, n: int, seed: int, size: int = 64) -> list[Document]
         raise ValueError(f"unknown evaluation task {task!r}; expected one of {', '.join(TASKS)}")
     _check_size(size)
     rng = random.Random(f"mmgen-shapes-eval/{task}/{seed}")
+    if input_size is not None:
+        _check_size(input_size)
+
+    def given(frame: Frame) -> Image.Image:
+        drawn = render_frame(frame, input_size or size)
+        return jpeg_round_trip(drawn, jpeg) if jpeg else drawn
+
     docs = []
     for i in range(n):
         frames, changes = random_frames(rng, 2 if task == "continuation" else 1)
@@ -467,11 +509,11 @@ def eval_prompts(task: str, n: int, seed: int, size: int = 64) -> list[Document]
         if task == "t2i":
             segments = [intro, Segment("image")]
         elif task == "caption":
-            segments = [Segment("image", image=render_frame(frames[0], size)), Segment("text")]
+            segments = [Segment("image", image=given(frames[0])), Segment("text")]
         elif task == "continuation":
             segments = [
                 intro,
-                Segment("image", image=render_frame(frames[0], size)),
+                Segment("image", image=given(frames[0])),
                 Segment("text", text=frame_sentence(frames, 1)),
                 Segment("image"),
             ]

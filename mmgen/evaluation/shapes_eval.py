@@ -123,6 +123,24 @@ def score_story(doc: Document, truth: dict) -> Sample:
 
 
 SCORERS = {"t2i": score_t2i, "caption": score_caption, "continuation": score_continuation, "story": score_story}
+JPEG_EVAL = (64, 70)  # TASK@jpeg: the canonical size at the lowest quality the targets cover
+
+
+def task_variant(task: str) -> tuple[str, dict[str, int]] | None:
+    """``caption@96`` → ("caption", {"input_size": 96}); ``caption@jpeg`` → 64 px at JPEG quality
+    70; a plain task → (task, {}); None for a name that is not a task."""
+    base, at, variant = task.partition("@")
+    if base not in TASKS:
+        return None
+    if not at:
+        return base, {}
+    if base not in ("caption", "continuation"):
+        return None  # only these tasks are given frames
+    if variant == "jpeg":
+        return base, {"input_size": JPEG_EVAL[0], "jpeg": JPEG_EVAL[1]}
+    if variant.isdigit() and 32 <= int(variant) <= 512:
+        return base, {"input_size": int(variant)}
+    return None
 
 
 def evaluate(model, tasks: list[str], *, n: int = 64, seed: int = 0, settings: dict[str, Any] | None = None,
@@ -131,22 +149,24 @@ def evaluate(model, tasks: list[str], *, n: int = 64, seed: int = 0, settings: d
     from ..generation.api import make_settings
     from ..generation.generator import Generator
 
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if task_variant(t) is None]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}, zeroshot, fewshot, "
-                         "retrieval")
+                         "retrieval; caption and continuation also as TASK@SIZE (given frames drawn at "
+                         "32-512 px) or TASK@jpeg (64 px, JPEG quality 70)")
     s = make_settings(model, settings or {})
     gen = Generator(model, checkpoint=checkpoint)
     size = model.cfg.data.image_size
     out: dict[str, TaskResult] = {}
     for task in tasks:
-        prompts = eval_prompts(task, n, seed, size)
+        base, frames = task_variant(task)
+        prompts = eval_prompts(base, n, seed, size, **frames)
         t0 = time.perf_counter()
         samples: list[Sample] = []
         for i, doc in gen.generate(prompts, s):
             if isinstance(doc, Exception):
                 raise doc
-            samples.append(SCORERS[task](doc, prompts[i].meta["shapes"]))
+            samples.append(SCORERS[base](doc, prompts[i].meta["shapes"]))
             if progress is not None:
                 progress()
         samples.sort(key=lambda x: x.id)
@@ -156,8 +176,8 @@ def evaluate(model, tasks: list[str], *, n: int = 64, seed: int = 0, settings: d
                                     ("grammar", "sentences"), ("changes", "sentences"))}
             metrics["images_per_story"] = round(sum(x.scores["images"] for x in samples) / max(1, len(samples)), 3)
         else:
-            keys = (*ATTRIBUTES, "joint") + (("background",) if task == "continuation" else ()) \
-                + (("grammar",) if task == "caption" else ())
+            keys = (*ATTRIBUTES, "joint") + (("background",) if base == "continuation" else ()) \
+                + (("grammar",) if base == "caption" else ())
             metrics = _summary(samples, keys)
         out[task] = TaskResult(task, metrics, samples, round(time.perf_counter() - t0, 2))
     return out

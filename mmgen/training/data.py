@@ -44,17 +44,18 @@ class DataError(ValueError):
 
 
 class ShapesSource:
-    def __init__(self, cfg: SourceConfig, image_size: int):
+    def __init__(self, cfg: SourceConfig, image_size: int, input_variety: float = 0.0):
         self.seed = cfg.seed
         self.image_size = image_size
+        self.variety = input_variety
 
     def sample(self, rng: random.Random, name: str) -> Document:
-        return make_story(rng, size=self.image_size, story_id=name)
+        return make_story(rng, size=self.image_size, story_id=name, variety=self.variety)
 
 
 class ShapesPairsSource(ShapesSource):
     def sample(self, rng: random.Random, name: str) -> Document:
-        return make_pairs(rng, size=self.image_size, doc_id=name)
+        return make_pairs(rng, size=self.image_size, doc_id=name, variety=self.variety)
 
 
 class ShapesVideoSource(ShapesSource):
@@ -147,7 +148,7 @@ def build_source(cfg: SourceConfig, data: DataConfig):
     cls = source_class(cfg.kind)
     try:
         if cfg.kind.startswith("shapes"):
-            return cls(cfg, data.image_size)
+            return cls(cfg, data.image_size, data.input_variety)
         return cls(cfg) if cfg.kind in ("jsonl", "pairs") else cls(cfg, data)
     except DocumentError as e:
         raise DataError(f"data.sources: {e}") from None
