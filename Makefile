@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean readme-picture
+.PHONY: setup demo test bench clean readme-picture gpu-check
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ readme-picture: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# the real-scale path on a CUDA machine with the torch it already has (not the CPU pins): < 8 minutes
+gpu-check:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mmfs.py
