@@ -261,6 +261,23 @@ def serve_command(
 # mmgen eval
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A model folder or a RUN/step-NNNNNN checkpoint.")],
+    out: Annotated[Path, typer.Argument(help="A new folder for the standalone model.")],
+    overrides: Overrides = None,
+) -> None:
+    """Write a model folder that stands alone: the base folders its checkpoint was started from (hard-linked),
+    its trained weights, tokenizer and config. Overrides point at moved base folders (model.llm.pretrained=...)."""
+    from mmgen.models.export import export_model
+
+    try:
+        where = export_model(checkpoint, out, overrides=overrides or [])
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        fail(str(e))
+    typer.echo(f"exported {checkpoint} to {where}")
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Model, checkpoint or run folder.")] = BUNDLED,

@@ -116,3 +116,22 @@ def test_the_small_config_is_valid_and_fits_one_24_gb_gpu():
     assert not m.vision.trainable and not m.llm.trainable and m.mmfs.trainable  # the reference's choices
     assert m.vision.hidden_size % m.vision.num_heads == 0 and m.llm.hidden_size <= 2048
     assert cfg.train.mixed_precision == "bf16" and m.llm.gradient_checkpointing
+
+
+def test_export_writes_a_folder_that_stands_alone(tmp_path):
+    from mmgen.models.export import export_model
+
+    save_real_folders(tmp_path)
+    cfg = real_config(tmp_path)
+    model = MMInterleaved(cfg, build_tokenizer(cfg)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    export_model(tmp_path / "ckpt", tmp_path / "standalone")
+    for name in ("llama", "clip", "sd"):  # the base folders go away: the export keeps working
+        (tmp_path / name).rename(tmp_path / f"gone-{name}")
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "standalone").rename(moved)
+    loaded = MMInterleaved.from_pretrained(moved).eval()
+    batch = first_batch(Collator(model.tokenizer, cfg), rows=2)
+    assert losses(model, batch) == losses(loaded, batch)
+    with pytest.raises(FileExistsError):
+        export_model(tmp_path / "ckpt", moved)

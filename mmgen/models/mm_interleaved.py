@@ -26,12 +26,11 @@ writes a folder that stands alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -47,17 +46,29 @@ from mmgen.data.tokenizer import load_tokenizer, special_ids
 from mmgen.models.contrastive import ContrastiveHead, image_text_spans, pool_spans, text_token_mask
 from mmgen.models.image_decoder import ImageDecoder
 from mmgen.models.llm import MMFSLanguageModel, build_llm
+from mmgen.models.model_files import (  # noqa: F401 (check_base_folders, verify_checksum: used from here)
+    CHECKSUMS_NAME, CONFIG_NAME, _frozen_dtype, _loaded_sizes, _resized, _shared_names, _store_once,
+    check_base_folders, file_sha256, resolve_base_folders, verify_checksum, weights_mismatch)
 from mmgen.models.resampler import Resampler
 from mmgen.models.vision import VisionEncoder
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.yaml"
-CHECKSUMS_NAME = "checksums.json"
 BASE_NAME = "base.json"  # the base folders whose frozen tensors the weights file leaves out
 TOKENIZER_DIR = "tokenizer"
 FREEZE_GROUPS = ("vision", "llm", "sync", "decoder")
+
+
+class DecoderInputs(NamedTuple):
+    """What the image decoder reads for n images (:meth:`MMInterleaved.image_conditions`)."""
+
+    context: torch.Tensor  # (n, K, D) the LLM's hidden states from the document start to the <boi>
+    mask: torch.Tensor  # (n, K) bool, the real ones
+    ids: torch.Tensor  # (n, K) their token ids (the ``words`` conditioner reads them)
+    prev_features: list[torch.Tensor]  # [(n, M', C, H_l, W_l)] the earlier images MMFS reads
+    prev_visible: torch.Tensor  # (n, M') bool
+    prev_image: torch.Tensor | None  # (n, 3, S, S) the latest earlier image, zeros for none
 
 
 class MMInterleaved(nn.Module):
@@ -112,15 +123,10 @@ class MMInterleaved(nn.Module):
         rows = image_row[:, None].expand_as(image_positions)  # (N, Q)
         return embeds.index_put((rows, image_positions), image_embeds.to(embeds.dtype))  # (B, T, D)
 
-    def decoder_context(self, out, input_ids: torch.Tensor) -> torch.Tensor:
-        """Per-token context for the image decoder: the LLM's last hidden states (B, T, D), with
-        ``model.decoder.context_words`` followed by the decoder's embedding of ``input_ids`` (B, T).
-        The gradient into the hidden states is scaled by ``model.decoder.context_grad``."""
-        hidden = scale_grad(out.last_hidden_state, self.cfg.model.decoder.context_grad)
-        words = self.decoder.context_encoder.words
-        if words is None:
-            return hidden
-        return torch.cat([hidden, words(input_ids).to(hidden.dtype)], dim=-1)  # (B, T, D + X)
+    def decoder_context(self, out) -> torch.Tensor:
+        """Per-token context for the image decoder: the LLM's last hidden states (B, T, D), their
+        gradient scaled by ``model.decoder.context_grad``."""
+        return scale_grad(out.last_hidden_state, self.cfg.model.decoder.context_grad)
 
     @staticmethod
     def row_features(maps: list[torch.Tensor], row_images: torch.Tensor) -> list[torch.Tensor]:
@@ -146,20 +152,18 @@ class MMInterleaved(nn.Module):
         return torch.where(mask, index, boi[:, None].expand_as(index)), mask
 
     def image_conditions(self, batch: Batch, hidden: torch.Tensor, maps: list[torch.Tensor],
-                         which: torch.Tensor) -> tuple:
-        """Decoder inputs of images ``which`` (n,): context (n, K, D'), mask (n, K), previous images.
+                         which: torch.Tensor) -> DecoderInputs:
+        """Decoder inputs of images ``which`` (n,): context, its mask and token ids, previous images.
 
-        ``hidden`` (B, T, D') is :meth:`decoder_context` of the LLM output.
-
-        Returns: context, mask, prev_features [(n, M', C, H_l, W_l)], prev_visible (n, M') — the
-        images its ``<boi>`` sees (earlier images of its own document), compacted to the first M'
-        slots in their order (M' = the most any of them sees): MMFS cost grows with the slots —,
-        and prev_image (n, 3, S, S): the latest of them (zeros for none), None unless the decoder
-        takes it (``model.mmfs.unet_previous_image``).
+        ``hidden`` (B, T, D) is :meth:`decoder_context` of the LLM output. The earlier images are
+        those its ``<boi>`` sees (of its own document), compacted to the first M' slots in their
+        order (M' = the most any of them sees: MMFS cost grows with the slots); ``prev_image``, the
+        latest of them, is None unless the decoder reads it (the ``previous_image`` conditioner).
         """
         rows, boi = batch.image_row[which], batch.image_boi[which]  # (n,)
         index, mask = self.context_index(boi, batch.position_ids[rows, boi])  # (n, K)
         context = hidden[rows[:, None], index]  # (n, K, D)
+        ids = batch.input_ids[rows[:, None], index]  # (n, K)
         visible = batch.visible[rows, boi]  # (n, M)
         keep = max(1, int(visible.sum(1).max()))  # M'
         order = torch.sort((~visible).to(torch.uint8), dim=1, stable=True).indices[:, :keep]  # (n, M') visible first
@@ -171,7 +175,7 @@ class MMInterleaved(nn.Module):
             latest = slots[torch.arange(len(rows), device=slots.device), (prev_visible.sum(1) - 1).clamp(min=0)]
             seen = prev_visible.any(1).view(-1, 1, 1, 1).to(batch.images.dtype)
             prev_image = batch.images[latest.clamp(min=0)] * seen  # (n, 3, S, S)
-        return context, mask, prev_features, prev_visible, prev_image
+        return DecoderInputs(context, mask, ids, prev_features, prev_visible, prev_image)
 
     def image_losses(self, batch: Batch, hidden: torch.Tensor, maps: list[torch.Tensor],
                      limit: int | None = None) -> torch.Tensor:
@@ -181,9 +185,9 @@ class MMInterleaved(nn.Module):
             which = which[torch.randperm(which.numel(), device=which.device)[:limit]].sort().values
         if which.numel() == 0:
             return hidden.new_zeros(0)
-        context, mask, prev_features, prev_visible, prev_image = self.image_conditions(batch, hidden, maps, which)
-        return self.decoder.loss(batch.images[which], context, mask, prev_features, prev_visible,
-                                 prev_image=prev_image)
+        c = self.image_conditions(batch, hidden, maps, which)
+        return self.decoder.loss(batch.images[which], c.context, c.mask, c.prev_features, c.prev_visible,
+                                 context_ids=c.ids, prev_image=c.prev_image)
 
     def forward(self, batch: Batch, *, image_loss_limit: int | None = None) -> dict[str, torch.Tensor]:
         """Losses of one packed batch; ``image_loss_limit`` caps the images the decoder trains on."""
@@ -209,7 +213,7 @@ class MMInterleaved(nn.Module):
 
         # 5. diffusion loss of every image with context
         if has_images:
-            context = self.decoder_context(out, batch.input_ids)  # (B, T, D')
+            context = self.decoder_context(out)  # (B, T, D)
             per_image = self.image_losses(batch, context, maps, image_loss_limit)
         else:
             per_image = out.last_hidden_state.new_zeros(0)
@@ -292,7 +296,7 @@ class MMInterleaved(nn.Module):
             "llm": [self.llm.lm],
             "sync": [self.resampler, self.llm.mmfs, self.decoder.mmfs_blocks]
             + ([self.contrastive] if self.contrastive is not None else []),
-            "decoder": [self.decoder.unet, self.decoder.context_encoder],
+            "decoder": [self.decoder.unet, self.decoder.context_encoder, self.decoder.conditioners],
         }
 
     def set_trainable(self, *, vision: bool | None = None, llm: bool | None = None, sync: bool | None = None,
@@ -339,11 +343,11 @@ class MMInterleaved(nn.Module):
 
     def base_keys(self, keys) -> set[str]:
         """Those of ``keys`` that come unchanged from a base folder. Not among them: token embeddings
-        resized for the tokenizer (the new rows are this model's) and a widened UNet input."""
+        resized for the tokenizer (the new rows are this model's) and a UNet input widened by conditioners."""
         prefixes = tuple(self.base_folders())
         if not prefixes:
             return set()
-        own = {f"decoder.unet.conv_in.{n}" for n in ("weight", "bias")} if self.decoder.previous_image else set()
+        own = {f"decoder.unet.conv_in.{n}" for n in ("weight", "bias")} if self.decoder.widened else set()
         if "llm.lm." in prefixes and _resized(self.cfg.model.llm.pretrained, self.llm.lm):
             embeds = [self.llm.lm.get_input_embeddings(), self.llm.lm.get_output_embeddings()]
             ids = {id(e.weight) for e in embeds if e is not None}
@@ -427,6 +431,7 @@ class MMInterleaved(nn.Module):
         try:
             for item in overrides:
                 _apply_override(raw, item)
+            resolve_base_folders(raw, folder)
             cfg = config_from_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{folder / CONFIG_NAME}: {e}; this must be the config saved with the weights — "
@@ -477,68 +482,6 @@ class MMInterleaved(nn.Module):
                              f"model config — use the {CONFIG_NAME} saved with them")
 
 
-def _frozen_dtype(cfg: Config) -> torch.dtype:
-    name = cfg.model.frozen_dtype
-    if name == "auto":
-        name = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.mixed_precision, "float32")
-    return getattr(torch, name)
-
-
-def check_base_folders(cfg: Config, folder: Path) -> None:
-    """Every base folder ``cfg`` names must exist: a moved one is named with the override to use."""
-    m = cfg.model
-    for key, where in (("model.vision.pretrained", m.vision.pretrained), ("model.llm.pretrained", m.llm.pretrained),
-                       ("model.decoder.pretrained", m.decoder.pretrained)):
-        if where is not None and not Path(where).expanduser().exists():
-            raise FileNotFoundError(f"{folder}: its base folder {where} ({key} in {CONFIG_NAME}) does not exist — "
-                                    f"it has moved or is on another machine; point at it with the override "
-                                    f"{key}=<its new place>")
-
-
-def _resized(pretrained: str, lm: nn.Module) -> bool:
-    """Whether the LLM's token embeddings were grown past its folder's vocabulary."""
-    try:
-        n = json.loads((Path(pretrained).expanduser() / "config.json").read_text())["vocab_size"]
-    except (OSError, ValueError, KeyError):
-        return True
-    return lm.get_input_embeddings().num_embeddings != n
-
-
-def _store_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors sharing memory (tied embeddings) kept under their first name; contiguous, not copied."""
-    seen, out = set(), {}
-    for k, v in state.items():
-        mark = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else (k,)
-        if mark not in seen:
-            seen.add(mark)
-            out[k] = v.detach().contiguous()
-    return out
-
-
-def _shared_names(model: nn.Module) -> set[str]:
-    """State-dict names of tensors that share memory with an earlier name (stored once)."""
-    state = model.state_dict()
-    return set(state) - set(_store_once(state))
-
-
-def _loaded_sizes(model: MMInterleaved) -> Config:
-    """The config with the sizes of the components as loaded from their folders (what ran)."""
-    raw = model.cfg.to_dict()
-    m = raw["model"]
-    if m["llm"]["pretrained"] is not None:
-        c = model.llm.lm.config
-        m["llm"].update(hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-                        max_position_embeddings=c.max_position_embeddings)
-        if getattr(c, "intermediate_size", None):
-            m["llm"]["intermediate_size"] = c.intermediate_size
-    if m["vision"]["pretrained"] is not None:
-        c = model.vision.tower.config
-        m["vision"].update(image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
-                           num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-                           intermediate_size=c.intermediate_size)
-    return config_from_dict(raw)
-
-
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass."""
     if scale == 1.0:
@@ -546,50 +489,3 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 0.0:
         return x.detach()
     return x * scale + x.detach() * (1.0 - scale)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_checksum(folder: Path, name: str) -> None:
-    """Compare ``name`` with the SHA-256 that ``save_pretrained`` recorded (folders without one pass)."""
-    record = folder / CHECKSUMS_NAME
-    if not record.is_file():
-        return
-    try:
-        expected = json.loads(record.read_text()).get(name)
-    except (ValueError, AttributeError):
-        raise ValueError(f"{record} is damaged (not a JSON object); copy the model folder again") from None
-    if expected is not None and file_sha256(folder / name) != expected:
-        raise ValueError(f"{folder / name} is damaged: its SHA-256 differs from the one recorded when it was "
-                         f"saved ({CHECKSUMS_NAME}); copy it again or use another checkpoint")
-
-
-_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
-                            r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)")
-
-
-def weights_mismatch(error: RuntimeError) -> str:
-    """One line out of torch's multi-line ``load_state_dict`` error: what differs, with an example."""
-    text = str(error)
-    sizes = _SIZE_MISMATCH.findall(text)
-    missing = re.search(r"Missing key\(s\) in state_dict: (.*)", text)
-    unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*)", text)
-    parts = []
-    if sizes:
-        name, there, here = sizes[0]
-        more = f" ({len(sizes) - 1} more tensors differ in shape)" if len(sizes) > 1 else ""
-        parts.append(f"{name} is {there} in the file but {here} in the model{more}")
-    for match, what in ((missing, "missing from the file"), (unexpected, "in the file but not in the model")):
-        if match:
-            keys = re.findall(r'"([^"]+)"', match[1])
-            parts.append(f"{len(keys)} tensor{'s' if len(keys) != 1 else ''} {what} (e.g. {keys[0] if keys else '?'})")
-    if not parts:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        parts.append(lines[-1][:240] if lines else type(error).__name__)
-    return ", ".join(parts)

@@ -95,9 +95,11 @@ def wrap_class_names(model: nn.Module) -> list[str]:
 def configure_fsdp(accelerator, model: nn.Module) -> list[str]:
     """Point accelerate's FSDP auto-wrap policy at :func:`wrap_class_names` (the shipped YAML names
     ``LlamaDecoderLayer``, wrong for a Qwen2 or GPT-NeoX LLM). Returns the names."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
     names = wrap_class_names(model)
     plugin = accelerator.state.fsdp_plugin
-    plugin.auto_wrap_policy = "transformer_based_wrap"
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy  # set_auto_wrap_policy(model) binds the names
     plugin.transformer_cls_names_to_wrap = names
     return names
 

@@ -197,8 +197,9 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
         raw_state = full_model_state(raw_model, trainable_only=True) if ema else None
         weights = None
         if ema is not None:
-            weights = full_model_state(raw_model)
-            weights.update({k: v.to(weights[k].dtype) for k, v in ema_state["shadow"].items()})
+            weights = full_model_state(raw_model)  # under sharding only the main process receives tensors
+            if main:
+                weights.update({k: v.to(weights[k].dtype) for k, v in ema_state["shadow"].items()})
         elif sharded:
             weights = full_model_state(raw_model)
         if not main:
@@ -399,7 +400,8 @@ def _init_weights(model: torch.nn.Module, folder: Path) -> list[str]:
         raise TrainingError(f"train.init_from: {folder} holds {len(result.unexpected_keys)} tensors this config's "
                             f"model has not (e.g. {result.unexpected_keys[0]}); it was trained with another "
                             "model config")
-    return [k for k in result.missing_keys if k not in _buffers(model)] + widened
+    base = model.base_keys(result.missing_keys)  # frozen tensors the folder reads from its base folders
+    return [k for k in result.missing_keys if k not in _buffers(model) and k not in base] + widened
 
 
 def _widen_inputs(model: torch.nn.Module, state: dict) -> list[str]:
