@@ -296,6 +296,7 @@ def eval_command(
         "--temperature", min=0.0, help="Text temperature (default: the model's generate.temperature, as "
                                        "`mmgen generate` uses it; 0: greedy).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 32,
+    kind: Annotated[Optional[str], typer.Option("--kind", help=KIND_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, ... or auto.")] = "auto",
 ) -> None:
     """Score a model on ShapeStories; write metrics.json and report.md (with sample grids)."""
@@ -311,7 +312,7 @@ def eval_command(
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     overrides = dict(sampler=sampler, steps=steps, guidance=guidance, temperature=temperature,
-                     batch_size=batch_size, seed=seed)
+                     batch_size=batch_size, seed=seed, kind=kind)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         model, folder = load_model(checkpoint, device)

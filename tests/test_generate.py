@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from mmgen.data.documents import Document, Segment, iter_records
 from mmgen.data.shapes import eval_prompts
 from mmgen.generation.api import GenerationError, generate, generate_files, load_model
 
+from .browser import FLAGS, chromium
 from .test_train import TINY
 
 runner = CliRunner()
@@ -200,14 +200,8 @@ def test_cli_exit_code_is_non_zero_when_a_prompt_fails(tmp_path, checkpoint):
     assert result.exit_code == 1 and "unknown sampler" in result.output
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_a_real_browser_shows_the_images_and_text(tmp_path, checkpoint):
-    if CHROMIUM is None:
-        if os.environ.get("MMGEN_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (MMGEN_REQUIRE_BROWSER) but not installed")
-        pytest.skip("chromium is not installed (.ci/run installs it)")
+    binary = chromium()
     txt, jsonl = write_prompts(tmp_path)
     out = tmp_path / "out"
     generate_files([jsonl], out, checkpoint=checkpoint, device="cpu", settings=FAST)
@@ -224,9 +218,7 @@ document.getElementById('f').onload = function () {{
 }};
 </script></body></html>""")
     profile = tmp_path / "profile"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--allow-file-access-from-files", "--virtual-time-budget=5000",
+    cmd = [binary, "--headless", *FLAGS, f"--user-data-dir={profile}", "--allow-file-access-from-files", "--virtual-time-budget=5000",
            "--dump-dom", harness.as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert "images=2 loaded=true" in dom, dom[-2000:]
@@ -310,19 +302,15 @@ def test_the_run_index_is_a_gallery(tmp_path, checkpoint):
 
 
 def test_a_real_browser_shows_the_gallery(tmp_path, checkpoint):
-    if CHROMIUM is None:
-        if os.environ.get("MMGEN_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (MMGEN_REQUIRE_BROWSER) but not installed")
-        pytest.skip("chromium is not installed (.ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
-    from tests.browser import launch
+    from .browser import launch
 
     txt, jsonl = write_prompts(tmp_path)
     out = tmp_path / "out"
     report = generate_files([txt, jsonl], out, checkpoint=checkpoint, device="cpu", settings=FAST)
     with sync_playwright() as p:
-        browser = launch(p, CHROMIUM)
+        browser = launch(p)
         page = browser.new_page()
         page.goto((out / "index.html").as_uri())
         assert page.locator("article.card").count() == 4

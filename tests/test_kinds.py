@@ -61,6 +61,8 @@ def test_unknown_kinds_are_refused_with_the_known_ones(tmp_path):
     result = runner.invoke(app, ["generate", "--prompt", "A small red circle is on the left.", "--kind", "poem",
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "choose one of story, captions, web" in result.output
+    result = runner.invoke(app, ["eval", "--tasks", "t2i", "--n", "1", "--kind", "poem", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "choose one of story, captions, web" in result.output
 
 
 def test_the_generator_gives_the_model_the_kind_and_records_it(tiny, monkeypatch):

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FAST = {"steps": 4, "max_images": 2}
 
 
@@ -232,16 +230,12 @@ def test_a_flood_is_queued_or_refused_and_the_server_keeps_serving(tmp_path):
 
 
 def test_a_real_browser_writes_a_story_from_a_typed_sentence(server, tmp_path):
-    if CHROMIUM is None:
-        if os.environ.get("MMGEN_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (MMGEN_REQUIRE_BROWSER) but not installed")
-        pytest.skip("chromium is not installed (.ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
-    from tests.browser import launch
+    from .browser import launch
 
     with sync_playwright() as p:
-        browser = launch(p, CHROMIUM)
+        browser = launch(p)
         page = browser.new_page()
         requests = []
         page.on("request", lambda r: requests.append(r.url))
