@@ -37,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mmgen.config import Config, ConfigError, config_from_dict
 from mmgen.data.collate import IGNORE, Batch, collate, encode_document, truncate
@@ -48,7 +47,7 @@ from mmgen.models.image_decoder import ImageDecoder
 from mmgen.models.llm import MMFSLanguageModel, build_llm
 from mmgen.models.model_files import (  # noqa: F401 (check_base_folders, verify_checksum: used from here)
     CHECKSUMS_NAME, CONFIG_NAME, _frozen_dtype, _loaded_sizes, _resized, _shared_names, _store_once,
-    check_base_folders, file_sha256, resolve_base_folders, verify_checksum, weights_mismatch)
+    check_base_folders, file_sha256, resolve_base_folders, save_tensors, verify_checksum, weights_mismatch)
 from mmgen.models.resampler import Resampler
 from mmgen.models.vision import VisionEncoder
 
@@ -393,8 +392,8 @@ class MMInterleaved(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = self.state_dict() if state_dict is None else state_dict
         base = set() if whole else self.base_keys(state)
-        save_file(_store_once({k: v for k, v in state.items() if k not in base}), str(folder / WEIGHTS_NAME),
-                  metadata={"format": "pt", "library": "mmgen"})
+        save_tensors(_store_once({k: v for k, v in state.items() if k not in base}), folder / WEIGHTS_NAME,
+                     metadata={"format": "pt", "library": "mmgen"})
         if base:  # what the weights file leaves out, and where it is read from
             (folder / BASE_NAME).write_text(json.dumps({"folders": self.base_folders(),
                                                         "tensors_left_out": len(base)}, indent=2) + "\n")

@@ -137,3 +137,32 @@ def weights_mismatch(error: RuntimeError) -> str:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         parts.append(lines[-1][:240] if lines else type(error).__name__)
     return ", ".join(parts)
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file a tensor at a time, straight from each tensor's memory.
+
+    ``safetensors.torch.save_file`` first turns every tensor into a bytes copy (a checkpoint's
+    size in extra memory); this writes the same format (8-byte header length, JSON header, the
+    tensors' bytes in header order) without it.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            t = t.detach().contiguous().cpu()  # no copy for a contiguous CPU tensor
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
