@@ -105,10 +105,8 @@ def bare_diffusers(model, n: int, steps: int, guidance: float, sampler: str) -> 
     x = randn_tensor((n, dec.latent_channels, side, side), device=dev) * sched.init_noise_sigma
     for t in sched.timesteps:
         inp = sched.scale_model_input(torch.cat([x, x]), t)
-        if dec.cfg.coord_channels:
-            inp = dec._coords(inp)
-        if dec.previous_image:  # the UNet's input channels for an earlier image: none here
-            inp = torch.cat([inp, torch.zeros_like(inp[:, :dec.latent_channels])], dim=1)
+        # the conditioners' input channels (coords; zeros for an earlier image: none here)
+        inp = dec.unet_input(inp)
         u, c = dec.unet(inp, t, encoder_hidden_states=cond).sample.chunk(2)
         x = sched.step(u + guidance * (c - u), t, x).prev_sample
     dec.decode(x)
@@ -123,6 +121,7 @@ def ours_image_step(model, n: int, steps: int, guidance: float, sampler: str):
     dec, dev = model.decoder, model.device
     context = torch.randn(n, CONTEXT_LEN, dec.context_dim, device=dev)
     mask = torch.ones(n, CONTEXT_LEN, dtype=torch.bool, device=dev)
+    ids = torch.randint(0, len(model.tokenizer), (n, CONTEXT_LEN), device=dev)  # for the words conditioner
     prev = torch.zeros(n, 3, model.cfg.data.image_size, model.cfg.data.image_size, device=dev)
     _, maps = model.encode_images(prev)
     features = [m[:, None] for m in maps]  # one earlier image per document
@@ -130,8 +129,8 @@ def ours_image_step(model, n: int, steps: int, guidance: float, sampler: str):
 
     @torch.no_grad()
     def step() -> None:
-        images = dec.sample(context, mask, features, visible, prev_image=prev if dec.previous_image else None,
-                            sampler=sampler, steps=steps, guidance=guidance)
+        images = dec.sample(context, mask, features, visible, context_ids=ids,
+                            prev_image=prev if dec.previous_image else None, sampler=sampler, steps=steps, guidance=guidance)
         model.encode_images(images)
 
     return step

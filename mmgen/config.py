@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from mmgen.data.kinds import KINDS
+from mmgen.models.conditioners import CONDITIONERS, unknown_conditioner
 from mmgen.models.llm_families import LLM_FAMILIES
 from mmgen.models.samplers import SAMPLERS
 
@@ -117,15 +118,11 @@ class MMFSConfig:
     llm: bool = True  # MMFS layers inside the LLM
     unet: bool = True  # MMFS blocks inside the UNet
     every_k: int = 2  # an MMFS layer after every k-th LLM decoder layer (4 in the reference)
-    num_heads: int = 4
-    num_points: int = 4
+    num_heads: int = 4  # attention heads of each MMFS layer
+    num_points: int = 4  # sampling points per head, level and image
     hidden_size: int = 64  # width of the sampled values
     max_images: int = 32  # size of the relative image-index embedding
     unet_levels: list[int] = field(default_factory=lambda: [0, 1])  # UNet down-block levels with MMFS
-    # the latest earlier image (in diffusion space) also joins the UNet's input channels, through
-    # input weights that start at zero: the tiny UNet did not carry a flat background over
-    # through MMFS alone (continuation background 0.34, chance 0.25; docs/RESULTS.md)
-    unet_previous_image: bool = False
     trainable: bool = True  # the "sync" freeze group: MMFS, resampler, projections
 
     def validate(self) -> None:
@@ -138,39 +135,34 @@ class MMFSConfig:
 class DecoderConfig:
     """Stable Diffusion decoder: a local SD folder (unet/, vae/, scheduler/) or a tiny UNet."""
 
-    pretrained: str | None = None
+    pretrained: str | None = None  # a local Stable Diffusion folder; null: a tiny UNet from the numbers below
     use_vae: bool = False  # pixel-space diffusion when False (tiny configs only)
     image_size: int = 32  # generated image size in pixels
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
-    attention_head_dim: int = 4
-    cross_attention_dim: int = 128
-    coord_channels: bool = False  # append x/y coordinate channels to the UNet input
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # tiny UNet: width per level
+    layers_per_block: int = 1  # tiny UNet: ResNet (+ attention) layers per level
+    attention_head_dim: int = 4  # tiny UNet: heads of its attention layers (diffusers' naming)
+    cross_attention_dim: int = 128  # tiny UNet: width of the context its cross-attention reads
     # how the LLM context reaches the UNet's cross-attention: "perceiver" resamples it to
     # context_tokens tokens; "tokens" projects every context token (masked, with its distance
     # from the <boi>), so a word such as "red" stays a key of its own
     context_encoder: Literal["perceiver", "tokens"] = "perceiver"
     context_tokens: int = 16  # perceiver output tokens (77 in the reference)
-    perceiver_layers: int = 1
+    perceiver_layers: int = 1  # "perceiver": its cross-attention layers
     max_context: int = 128  # "tokens": distances from the <boi> beyond this share one embedding
-    # "tokens": the decoder's own embedding of each context token's id is added to the token's
-    # projected hidden state: measured, a tiny UNet did not learn to read colour from a trained
-    # LLM's hidden states (nor with its input embeddings beside them) in 600 steps, and read it
-    # by step 200 from word embeddings of its own
-    context_words: bool = False
-    # the pooled context (the <boi>'s token; the perceiver's mean) is also added to the UNet's
-    # time embedding, as SDXL adds its pooled text embedding: every ResNet block reads it
-    pooled_context: bool = False
+    # inputs beyond the reference path (context encoder + MMFS), by name from the registry in
+    # mmgen/models/conditioners/ (one file each, with its reason and measurement): words,
+    # previous_image, coords. None by default: the reference decoder
+    conditioners: list[str] = field(default_factory=list)
     # how much of the image loss's gradient reaches the LLM (and through it the resampler and
     # vision encoder) through the decoder context: 1 trains end to end, 0 leaves the LLM to the
     # text loss (the decoder still reads it), in between scales it
     context_grad: float = 1.0
-    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
-    beta_schedule: str = "squaredcos_cap_v2"
-    num_train_timesteps: int = 1000
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # what the UNet predicts
+    beta_schedule: str = "squaredcos_cap_v2"  # tiny UNet: the noise schedule (an SD folder brings its own)
+    num_train_timesteps: int = 1000  # tiny UNet: diffusion steps of that schedule
     snr_gamma: float | None = 5.0  # min-SNR loss weighting; null to disable
     cfg_dropout: float = 0.1  # probability of the learned null context in training
-    trainable: bool = True
+    trainable: bool = True  # the "decoder" freeze group: UNet, context encoder, conditioners
 
     def validate(self) -> None:
         _positive(self, "image_size", "layers_per_block", "attention_head_dim", "cross_attention_dim",
@@ -181,12 +173,14 @@ class DecoderConfig:
             raise ConfigError("model.decoder.cfg_dropout must be in [0, 1)")
         if not 0.0 <= self.context_grad <= 1.0:
             raise ConfigError("model.decoder.context_grad must be in [0, 1]")
-        for key in ("coord_channels", "pooled_context"):  # they change the UNet's inputs
-            if getattr(self, key) and self.pretrained is not None:
-                raise ConfigError(f"model.decoder.{key} needs a UNet built from the config; "
-                                  "set it to false with model.decoder.pretrained")
-        if self.context_words and self.context_encoder != "tokens":
-            raise ConfigError("model.decoder.context_words needs model.decoder.context_encoder: tokens")
+        for name in self.conditioners:
+            if name not in CONDITIONERS:
+                raise ConfigError(f"model.decoder.conditioners: {unknown_conditioner(name)}")
+            if CONDITIONERS[name][2] and self.pretrained is not None:  # its channels are built into the UNet
+                raise ConfigError(f"model.decoder.conditioners: {name} needs a UNet built from the config; "
+                                  "leave it out with model.decoder.pretrained")
+        if len(set(self.conditioners)) != len(self.conditioners):
+            raise ConfigError("model.decoder.conditioners lists a conditioner twice")
         if self.use_vae and self.pretrained is None:
             raise ConfigError("model.decoder.use_vae needs model.decoder.pretrained (an SD folder with vae/)")
         down = 2 ** (len(self.block_out_channels) - 1)

@@ -70,19 +70,16 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("lr", r"must look like key.path=value"),
         ("data.seq_len=4", r"data.seq_len is too short"),
         ("model.vision.image_size=64", r"model.vision.image_size must equal data.image_size"),
-        ("model.decoder.pretrained=sd", r"coord_channels needs a UNet built from the config"),
+        ("model.decoder.pretrained=sd", r"conditioners: coords needs a UNet built from the config"),
+        ("model.decoder.conditioners=[words, magic]",
+         r"model.decoder.conditioners: unknown decoder conditioner 'magic'; choose from words, previous_image, coords$"),
+        ("model.decoder.conditioners=[coords, coords]", r"lists a conditioner twice"),
         ("model.decoder.context_grad=2", r"model.decoder.context_grad must be in \[0, 1\]"),
     ],
 )
 def test_bad_overrides_are_rejected_in_words(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
-
-
-def test_pooled_context_needs_a_built_unet():
-    with pytest.raises(ConfigError, match="pooled_context needs a UNet built from the config"):
-        load_config(None, ["model.decoder.pretrained=sd", "model.decoder.coord_channels=false",
-                           "model.decoder.pooled_context=true"])
 
 
 def test_bad_files(tmp_path):

@@ -132,13 +132,13 @@ def test_batching_many_prompts_of_different_kinds(model):
 
 
 def test_the_decoder_is_given_each_documents_latest_image(tmp_path, monkeypatch):
-    """``model.mmfs.unet_previous_image``: every image is drawn with its own document's latest image
+    """The ``previous_image`` conditioner: every image is drawn with its own document's latest image
     (the prompt's, then the one drawn before it), zeros where a document has none yet."""
     from mmgen.config import load_config
     from mmgen.data.tokenizer import build_tokenizer
     from mmgen.models.mm_interleaved import MMInterleaved
 
-    cfg = load_config(None, [*TINY, "model.mmfs.unet_previous_image=true"])
+    cfg = load_config(None, [*TINY, "model.decoder.conditioners=[words, previous_image, coords]"])
     torch.manual_seed(0)
     net = MMInterleaved(cfg, build_tokenizer(cfg)).eval()
     given, drawn = [], []

@@ -62,38 +62,29 @@ def test_forward_backward_batch_8(tiny):
 
 
 @pytest.mark.parametrize("words", [True, False])
-def test_decoder_context_with_and_without_word_embeddings(words):
-    """context_words: each context token is its last hidden state + the decoder's embedding of its id."""
-    model, collator = make([f"model.decoder.context_words={str(words).lower()}"])
+def test_the_decoder_gets_hidden_states_and_token_ids(words):
+    """The decoder's context is the LLM's last hidden states (B, T, D), nothing glued on; each image's
+    inputs carry the token ids of its context, which the ``words`` conditioner embeds itself."""
+    conditioners = "[words, previous_image, coords]" if words else "[previous_image, coords]"
+    model, collator = make([f"model.decoder.conditioners={conditioners}"])
     batch = first_batch(collator, rows=2)
-    D, X = model.llm.lm.get_input_embeddings().embedding_dim, model.decoder.cross_dim
-    assert model.decoder.context_dim == D + (X if words else 0)
-    with torch.no_grad():
-        embeds, maps = model.encode_images(batch.images)
-        inputs = model.embed(batch.input_ids, embeds, batch.image_row, batch.image_positions)
-        out = model.llm(inputs_embeds=inputs, segment_ids=batch.segment_ids, position_ids=batch.position_ids,
-                        image_features=model.row_features(maps, batch.row_images), visible=batch.visible)
-        context = model.decoder_context(out, batch.input_ids)
-    assert context.shape[-1] == model.decoder.context_dim
-    assert torch.equal(context[..., :D], out.last_hidden_state)
-    if words:
-        torch.testing.assert_close(context[..., D:], model.decoder.context_encoder.words.weight[batch.input_ids])
-        # one changed word changes what the decoder's context encoder makes of that token
-        enc = model.decoder.context_encoder
-        other = context.clone()
-        other[0, 3, D:] = enc.words.weight[(batch.input_ids[0, 3] + 1) % enc.words.num_embeddings]
-        a, _ = enc(context[:1, :8])
-        b, _ = enc(other[:1, :8])
-        assert (a[0, 3] - b[0, 3]).abs().max() > 1e-3 and torch.allclose(a[0, :3], b[0, :3])
+    assert model.decoder.context_dim == model.llm.lm.get_input_embeddings().embedding_dim
+    h, maps = hidden_states(model, batch)
+    which = batch.image_loss_mask.nonzero().squeeze(-1)
+    c = model.image_conditions(batch, h, maps, which)
+    rows, boi = batch.image_row[which], batch.image_boi[which]
+    index, _ = model.context_index(boi, batch.position_ids[rows, boi])
+    assert torch.equal(c.ids, batch.input_ids[rows[:, None], index]) and c.ids.shape == c.mask.shape
+    assert torch.equal(c.context, h[rows[:, None], index])
     model.train()
     model.zero_grad()
     model(batch)["loss"].backward()
     params = dict(model.named_parameters())
     assert params["decoder.context_encoder.proj.1.weight"].grad.abs().sum() > 0
     if words:
-        assert params["decoder.context_encoder.words.weight"].grad.abs().sum() > 0
+        assert params["decoder.conditioners.words.embedding.weight"].grad.abs().sum() > 0
     else:
-        assert "decoder.context_encoder.words.weight" not in params
+        assert not any("words" in name for name in params)
 
 
 def test_context_grad_scales_the_image_loss_gradient_into_the_llm():
@@ -153,10 +144,10 @@ def test_image_conditions_ignore_other_documents(tiny):
         h, maps = hidden_states(model, batch)
         which = (batch.image_row == 0).nonzero().squeeze(-1)[-n0:]  # docs[0]'s images
         conds.append((batch, model.image_conditions(batch, h, maps, which)))
-    (alone, (c1, m1, f1, v1, p1)), (packed, (c2, m2, f2, v2, p2)) = conds
+    (alone, (c1, m1, i1, f1, v1, p1)), (packed, (c2, m2, i2, f2, v2, p2)) = conds
     assert len(packed.doc_ids[0]) == 2 and c1.shape == c2.shape
     torch.testing.assert_close(c1, c2, rtol=1e-4, atol=1e-5)
-    assert torch.equal(m1, m2)
+    assert torch.equal(m1, m2) and torch.equal(i1, i2)
     # the same earlier images are visible, in the same (compacted) slots
     assert torch.equal(v1, v2) and v1.any() and not v1[0].any()  # the first image sees none
     assert v1.shape[1] == n0 - 1
@@ -165,9 +156,9 @@ def test_image_conditions_ignore_other_documents(tiny):
 
 
 def test_previous_image_is_the_latest_earlier_image_of_its_own_document():
-    """``model.mmfs.unet_previous_image``: each image's decoder input is the image before it in its own
+    """The ``previous_image`` conditioner: each image's decoder input is the image before it in its own
     document (zeros for a document's first), also when another document is packed before it."""
-    model, _ = make(["model.mmfs.unet_previous_image=true"])
+    model, _ = make(["model.decoder.conditioners=[previous_image]"])
     model.eval()
     collator = Collator(model.tokenizer, load_config())
     docs = list(itertools.islice(stream_stories(3, size=32), 2))
@@ -175,7 +166,7 @@ def test_previous_image_is_the_latest_earlier_image_of_its_own_document():
     assert batch.input_ids.shape[0] == 1 and len(batch.doc_ids[0]) == 2
     h, maps = hidden_states(model, batch)
     which = torch.arange(batch.num_images)
-    prev = model.image_conditions(batch, h, maps, which)[4]
+    prev = model.image_conditions(batch, h, maps, which).prev_image
     first = sum(seg.type == "image" for seg in docs[1].segments)  # images of the first packed document
     for i in range(batch.num_images):
         if i in (0, first):  # a document's first image has none
@@ -263,7 +254,7 @@ def test_real_config_folders(tmp_path):
     save_real_folders(tmp_path)
     cfg = load_config(overrides=[
         "data.seq_len=96", f"model.llm.pretrained={tmp_path / 'llama'}", f"model.vision.pretrained={tmp_path / 'clip'}",
-        f"model.decoder.pretrained={tmp_path / 'sd'}", "model.decoder.use_vae=true", "model.decoder.coord_channels=false", "model.mmfs.every_k=1",
+        f"model.decoder.pretrained={tmp_path / 'sd'}", "model.decoder.use_vae=true", "model.decoder.conditioners=[words, previous_image]", "model.mmfs.every_k=1",
         "model.vision.trainable=false", "model.llm.trainable=false"])
     tok = build_tokenizer(cfg)
     model = MMInterleaved(cfg, tok)

@@ -20,10 +20,10 @@ V = 64
 
 @pytest.fixture(scope="module")
 def decoder():
-    """The default config's tiny decoder without MMFS blocks or word embeddings."""
+    """The default config's tiny decoder without MMFS blocks, with coordinate channels only."""
     m = load_config().model
     torch.manual_seed(0)
-    dec_cfg = dataclasses.replace(m.decoder, context_words=False)
+    dec_cfg = dataclasses.replace(m.decoder, conditioners=["coords"])
     return ImageDecoder(dec_cfg, MMFSConfig(unet=False), llm_dim=16, vision_dim=8, num_levels=1).eval()
 
 

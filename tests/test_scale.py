@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def real_config(root, *extra):
     return load_config(overrides=[
         "data.seq_len=96", f"model.llm.pretrained={root / 'llama'}", f"model.vision.pretrained={root / 'clip'}",
-        f"model.decoder.pretrained={root / 'sd'}", "model.decoder.use_vae=true", "model.decoder.coord_channels=false",
+        f"model.decoder.pretrained={root / 'sd'}", "model.decoder.use_vae=true", "model.decoder.conditioners=[words, previous_image]",
         "model.mmfs.every_k=1", "model.vision.trainable=false", "model.llm.trainable=false",
         "model.llm.hidden_size=999", "model.llm.num_heads=9", *extra])  # sizes the folders overrule
 

@@ -114,14 +114,14 @@ def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path):
 
 def test_init_from_a_model_folder_widens_the_unet_input(tmp_path):
     """``train.init_from``: the weights of a trained model folder and a fresh schedule; the input
-    channels ``model.mmfs.unet_previous_image`` adds start at zero, so the model starts as it was;
+    channels the ``previous_image`` conditioner adds start at zero, so the model starts as it was;
     a model folder of another shape is a clear error."""
-    train(tiny_config(tmp_path / "a", "train.steps=2", "train.save_every=2", "model.mmfs.unet_previous_image=false"),
+    train(tiny_config(tmp_path / "a", "train.steps=2", "train.save_every=2", "model.decoder.conditioners=[words, coords]"),
           show_progress=False)
     source = tmp_path / "a" / "step-000002" / "model"
     before = load_file(source / "model.safetensors")
 
-    cfg = tiny_config(tmp_path / "b", "train.steps=1", "model.mmfs.unet_previous_image=true",
+    cfg = tiny_config(tmp_path / "b", "train.steps=1", "model.decoder.conditioners=[words, previous_image, coords]",
                       f"train.init_from={source}", "train.lr=1e-12", "train.lr_pretrained=1e-12")  # barely moves
     train(cfg, show_progress=False)
     after = load_file(tmp_path / "b" / "step-000001" / "model" / "model.safetensors")
@@ -133,7 +133,7 @@ def test_init_from_a_model_folder_widens_the_unet_input(tmp_path):
     assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before if k != key)
     assert losses(tmp_path / "b")[0]["step"] == 1  # a run of its own: step 1, not 3
 
-    wider = tiny_config(tmp_path / "c", "train.steps=1", "model.llm.hidden_size=48", "model.mmfs.unet_previous_image=false",
+    wider = tiny_config(tmp_path / "c", "train.steps=1", "model.llm.hidden_size=48", "model.decoder.conditioners=[words, coords]",
                         f"train.init_from={source}")
     with pytest.raises(TrainingError, match="does not fit the model"):
         train(wider, show_progress=False)

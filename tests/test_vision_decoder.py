@@ -33,7 +33,8 @@ def vision(cfg):
 
 def make_decoder(cfg, vision_dim=64, num_levels=3, **overrides):
     torch.manual_seed(0)
-    overrides.setdefault("context_words", False)  # the context is hidden states only, (n, T, LLM_DIM)
+    # the shipped conditioners but words: the context is hidden states only, (n, T, LLM_DIM)
+    overrides.setdefault("conditioners", ["previous_image", "coords"])
     dec_cfg = dataclasses.replace(cfg.decoder, **overrides)
     return ImageDecoder(dec_cfg, cfg.mmfs, llm_dim=LLM_DIM, vision_dim=vision_dim, num_levels=num_levels,
                         vocab_size=VOCAB)
@@ -159,55 +160,6 @@ def test_token_context_masks_padding_and_reads_each_token(cfg):
         dec.context_encoder(context[..., :100], mask)
 
 
-def test_pooled_context_reaches_every_block_through_the_time_embedding(cfg):
-    """pooled_context: the <boi>'s token (the last kept one) enters the time embedding.
-
-    With cross-attention closed (its output projections zeroed), the prediction still follows
-    the last kept token, and neither earlier tokens nor padding change it.
-    """
-    dec = make_decoder(cfg, context_encoder="tokens", pooled_context=True).eval()
-    assert dec.unet.class_embedding is not None
-    with torch.no_grad():
-        for name, p in dec.unet.named_parameters():
-            if "attn2.to_out" in name:
-                p.zero_()
-    x0, context, mask, _, _ = inputs()
-    t = torch.tensor([10, 500, 990])
-    g = torch.Generator().manual_seed(5)
-    last = context.clone()
-    last[0, 3] = torch.randn(LLM_DIM, generator=g)  # row 0 keeps 4 tokens: its <boi> is token 3
-    last[1:, -1] = torch.randn(2, LLM_DIM, generator=g)
-    earlier, padded = context.clone(), context.clone()
-    earlier[:, 1] = torch.randn(3, LLM_DIM, generator=g)
-    padded[0, 4:] = 1e3
-    with torch.no_grad():
-        ref = dec.denoise(x0, t, *dec.context_encoder(context, mask))
-        for same in (earlier, padded):
-            assert torch.allclose(dec.denoise(x0, t, *dec.context_encoder(same, mask)), ref, atol=1e-5)
-        moved = (dec.denoise(x0, t, *dec.context_encoder(last, mask)) - ref).flatten(1).abs().amax(1)
-    assert (moved > 1e-4).all()
-    # null rows pool the null token; gradients reach the class embedding and the context encoder
-    cond, cmask = dec.context_encoder(context, mask, drop=torch.tensor([True, False, False]))
-    assert torch.equal(dec.context_encoder.pool(cond, cmask)[0], dec.context_encoder.null_context[0])
-    dec.train()
-    dec.loss(x0, context, mask).mean().backward()
-    for name in ("unet.class_embedding.linear_1.weight", "context_encoder.proj.1.weight"):
-        assert dict(dec.named_parameters())[name].grad.abs().sum() > 0, name
-    # the perceiver pools by the mean of its tokens
-    per = make_decoder(cfg, context_encoder="perceiver", pooled_context=True)
-    assert torch.isfinite(per.loss(x0, context, mask)).all()
-    assert per.sample(context, mask, steps=2, generator=torch.Generator().manual_seed(0)).shape == (3, 3, 32, 32)
-
-
-def test_old_perceiver_checkpoints_still_load(cfg):
-    """Weights saved when the context encoder was called ``perceiver`` load into ``context_encoder``."""
-    dec = make_decoder(cfg, context_encoder="perceiver")
-    state = {k.replace("context_encoder.", "perceiver."): v.clone() + 1 for k, v in dec.state_dict().items()}
-    fresh = make_decoder(cfg, context_encoder="perceiver")
-    fresh.load_state_dict(state, strict=True)
-    assert torch.equal(fresh.context_encoder.null_context, dec.context_encoder.null_context + 1)
-
-
 def test_zero_init_leaves_unet_unchanged(cfg):
     dec = make_decoder(cfg).eval()
     x0, context, mask, feats, visible = inputs()
@@ -261,13 +213,10 @@ def test_guidance_pairs_read_context_free_levels_once(cfg):
 
 
 def test_previous_image_channels_start_at_zero_and_then_copy_the_image(cfg):
-    """``model.mmfs.unet_previous_image``: the UNet's input widens by the latest earlier image with
+    """The ``previous_image`` conditioner: the UNet's input widens by the latest earlier image with
     zero weights (a no-op at first); the loss trains those weights; once trained, the earlier image
     changes the prediction of the rows that have one; guidance pairs repeat it."""
-    mmfs = dataclasses.replace(cfg.mmfs, unet_previous_image=True)
-    torch.manual_seed(0)
-    dec = ImageDecoder(dataclasses.replace(cfg.decoder, context_words=False), mmfs, llm_dim=LLM_DIM,
-                       vision_dim=64, num_levels=3, vocab_size=VOCAB).eval()
+    dec = make_decoder(cfg, conditioners=["previous_image", "coords"]).eval()
     assert dec.unet.conv_in.in_channels == dec.unet.config.in_channels == 3 + 2 + 3  # image, coords, previous
     x0, context, mask, feats, visible = inputs()
     prev = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -349,8 +298,8 @@ def test_ddim_does_not_clip_the_guided_x0(cfg):
 
 
 def test_coord_channels(cfg):
-    dec = make_decoder(cfg, coord_channels=True)
-    assert dec.unet.config.in_channels == 5 + (3 if cfg.mmfs.unet_previous_image else 0)
+    dec = make_decoder(cfg, conditioners=["coords"])
+    assert dec.unet.config.in_channels == 5
     x0, context, mask, feats, visible = inputs(n=2)
     assert torch.isfinite(dec.loss(x0, context, mask, feats, visible)).all()
     assert dec.sample(context, mask, steps=2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
@@ -424,7 +373,7 @@ def save_sd_folder(folder, *, prediction_type="epsilon"):
 def test_pretrained_sd_folder(tmp_path, cfg):
     save_sd_folder(tmp_path / "sd")
     dec_cfg = DecoderConfig(pretrained=str(tmp_path / "sd"), use_vae=True, image_size=32, context_tokens=5,
-                            prediction_type="v_prediction")
+                            prediction_type="v_prediction", conditioners=["previous_image"])
     dec = ImageDecoder(dec_cfg, cfg.mmfs, llm_dim=LLM_DIM, vision_dim=64, num_levels=3)
     assert dec.prediction_type == "epsilon"  # the folder's scheduler decides
     assert dec.vae is not None and dec.vae_factor == 2 and dec.cross_dim == 32

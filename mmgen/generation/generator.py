@@ -63,7 +63,8 @@ class _Doc:
     chunk_images: list[tuple[int, torch.Tensor, int | None]] = field(default_factory=list)
     # (offset of the first placeholder in the chunk, (Q, D) embeddings, cache index of its <boi> if fed earlier)
     last_fed: int = -1  # cache index of the last real token fed
-    hidden: list[torch.Tensor] = field(default_factory=list)  # [(t, D)] of every real token, in order
+    # [((t, D) hidden states, (t,) token ids)] of every real token, in order: the decoder's context
+    hidden: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     maps: list[list[torch.Tensor]] = field(default_factory=list)  # per image, per level (C, H, W)
     latest: torch.Tensor | None = None  # the latest image's pixels (3, S, S)
     boi_at: list[int] = field(default_factory=list)  # cache index of each image's <boi>
@@ -246,10 +247,10 @@ class Generator:
             cache = out.cache
             last = new_mask.sum(1) - 1  # (B,) index of each row's last real token in the chunk
             logits = out.logits[torch.arange(B), last].float()  # (B, V)
-            context = self.model.decoder_context(out, ids)  # (B, L, D')
+            context = self.model.decoder_context(out)  # (B, L, D)
             for b, d in enumerate(rows):
                 n = len(d.chunk_ids)
-                d.hidden.append(context[b, :n])
+                d.hidden.append((context[b, :n], ids[b, :n]))
                 d.length += n
                 d.last_fed = past + n - 1
                 d.chunk_ids, d.chunk_images = [], []
@@ -366,13 +367,15 @@ class Generator:
     def _draw_images(self, asking: list[_Doc], s: Settings, on_image) -> None:
         t0 = time.perf_counter()
         # 1. the condition: each document's hidden states up to and including its <boi>
-        contexts = [torch.cat(d.hidden) for d in asking]  # [(K_i, D)]
+        contexts = [torch.cat([h for h, _ in d.hidden]) for d in asking]  # [(K_i, D)]
         K = max(c.shape[0] for c in contexts)
         D = contexts[0].shape[1]
         context = torch.zeros(len(asking), K, D, device=self.device, dtype=contexts[0].dtype)
         cmask = torch.zeros(len(asking), K, dtype=torch.bool, device=self.device)
-        for n, c in enumerate(contexts):
+        cids = torch.full((len(asking), K), self.sp.pad, dtype=torch.long, device=self.device)  # (n, K)
+        for n, (c, d) in enumerate(zip(contexts, asking)):
             context[n, :c.shape[0]], cmask[n, :c.shape[0]] = c, True
+            cids[n, :c.shape[0]] = torch.cat([i for _, i in d.hidden])
         # 2. the earlier images each one may read (its own document's), as slots
         prev_features, prev_visible = self._slots(asking)
         prev_image = None
@@ -380,9 +383,9 @@ class Generator:
             blank = torch.zeros(3, self.size, self.size, device=self.device)
             prev_image = torch.stack([d.latest if d.latest is not None else blank for d in asking])
         # 3. sample, each image from its own document's generator
-        images = self.model.decoder.sample(context, cmask, prev_features, prev_visible, prev_image=prev_image,
-                                           sampler=s.sampler, steps=s.steps, guidance=s.guidance,
-                                           generator=[d.gen for d in asking])
+        images = self.model.decoder.sample(context, cmask, prev_features, prev_visible, context_ids=cids,
+                                           prev_image=prev_image, sampler=s.sampler, steps=s.steps,
+                                           guidance=s.guidance, generator=[d.gen for d in asking])
         # 4. encode the new images once: resampler tokens for the LLM, maps for MMFS
         pixels = torch.stack([image_to_tensor(tensor_to_image(x.cpu()), self.size) for x in images]).to(self.device)
         embeds, maps = self.model.encode_images(pixels)  # (n, Q, D), [(n, C, H_l, W_l)]

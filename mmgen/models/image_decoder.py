@@ -12,12 +12,12 @@ context replaces them with probability ``cfg_dropout`` in training and is the un
 branch of classifier-free guidance. At chosen down blocks the UNet feature map reads the
 multi-scale vision features of the previous images through MMFS, added through a
 zero-initialised 1×1 convolution (ControlNet style), by forward hooks on the down blocks —
-diffusers' code is used as it is. With ``model.mmfs.unet_previous_image`` the latest earlier image
-(in diffusion space) also joins the UNet's input channels, through input weights that start at
-zero (InstructPix2Pix's way of adding an image condition to a trained UNet): the tiny UNet did not
-carry a flat background over through MMFS alone, and copies it from its input. The hooks act only
-inside :meth:`ImageDecoder.image_context`.
+diffusers' code is used as it is. The hooks act only inside :meth:`ImageDecoder.image_context`.
 Both guidance branches see the previous images: guidance amplifies the text condition only.
+
+That reference path is the whole of the conditioning; anything more is a conditioner that the
+config lists (``model.decoder.conditioners``, :mod:`mmgen.models.conditioners`): a term added to
+each context token from its token id, or UNet input channels.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from mmgen.config import DecoderConfig, MMFSConfig
+from mmgen.models.conditioners import CONDITIONERS, conditioner_class
 from mmgen.models.mmfs import MMFS
 from mmgen.models.resampler import Perceiver
 from mmgen.models.samplers import make_sampler
@@ -41,19 +42,17 @@ from mmgen.models.samplers import make_sampler
 log = logging.getLogger(__name__)
 
 
-def _tiny_unet(cfg: DecoderConfig) -> UNet2DConditionModel:
-    """A UNet from ``cfg``'s numbers: cross-attention at every level but the first, and in the middle."""
+def _tiny_unet(cfg: DecoderConfig, extra_in: int) -> UNet2DConditionModel:
+    """A UNet from ``cfg``'s numbers: cross-attention at every level but the first, and in the middle;
+    ``extra_in`` input channels after the 3 of the image (those of built-in conditioners)."""
     n = len(cfg.block_out_channels)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
     up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
     return UNet2DConditionModel(
-        sample_size=cfg.image_size, in_channels=3 + (2 if cfg.coord_channels else 0), out_channels=3,
+        sample_size=cfg.image_size, in_channels=3 + extra_in, out_channels=3,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim,
-        attention_head_dim=cfg.attention_head_dim,
-        class_embed_type="projection" if cfg.pooled_context else None,
-        projection_class_embeddings_input_dim=cfg.cross_attention_dim if cfg.pooled_context else None,
-        norm_num_groups=math.gcd(32, *cfg.block_out_channels))
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=math.gcd(32, *cfg.block_out_channels))
 
 
 def _sd_folder(cfg: DecoderConfig) -> Path:
@@ -77,8 +76,6 @@ class ContextPerceiver(nn.Module):
     Every context encoder returns ``(context, mask)``; the perceiver's mask is None (all K kept).
     """
 
-    words = None  # no word embeddings of its own (``context_words`` is for "tokens")
-
     def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
         super().__init__()
         self.context_dim = llm_dim  # width of the context tokens it takes
@@ -89,14 +86,13 @@ class ContextPerceiver(nn.Module):
     def null(self, n: int, length: int | None = None) -> tuple[torch.Tensor, None]:
         return self.null_context.unsqueeze(0).expand(n, -1, -1), None  # (n, K, X)
 
-    @staticmethod
-    def pool(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """(N, K, X) → (N, X): the mean of the resampled tokens."""
-        return context.mean(1)
-
     def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        """``drop`` (N,) bool marks the rows replaced by the null context."""
+                drop: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """``drop`` (N,) bool marks the rows replaced by the null context. No per-token terms
+        (``extra``): its K tokens are not the context's."""
+        if extra is not None:
+            raise ValueError("the perceiver context encoder takes no per-token conditioner terms; "
+                             "use model.decoder.context_encoder: tokens")
         out = self.perceiver(context, mask)  # (N, K, X)
         if drop is not None:
             out = torch.where(drop[:, None, None], self.null(out.shape[0])[0].to(out.dtype), out)
@@ -110,23 +106,13 @@ class ContextTokens(nn.Module):
     distance from the ``<boi>`` (the latest sentence is the one an image illustrates), and
     normalised again: unit-scale keys and values, as a text encoder hands a UNet (a context
     of small magnitude barely moves cross-attention). The UNet masks the padding. The null
-    context is one learned token.
-
-    With ``cfg.context_words`` it also owns ``words``, an embedding of token ids into the
-    cross-attention width; the context then holds, per token, the hidden state followed by that
-    embedding (``MMInterleaved.decoder_context``), and the embedding is added after the projection.
+    context is one learned token. Conditioners' per-token terms (``extra`` (N, T, X), e.g. the
+    ``words`` conditioner's embeddings of the token ids) are added after the projection.
     """
 
-    def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int, vocab_size: int | None = None):
+    def __init__(self, cfg: DecoderConfig, llm_dim: int, cross_dim: int):
         super().__init__()
-        self.llm_dim = llm_dim
-        self.words = None
-        if cfg.context_words:
-            if vocab_size is None:
-                raise ValueError("model.decoder.context_words needs the tokenizer's vocabulary size")
-            self.words = nn.Embedding(vocab_size, cross_dim)  # N(0, 1): unit scale, as norm_out gives
-        # width of the context tokens it takes: hidden state [+ word embedding]
-        self.context_dim = llm_dim + (cross_dim if self.words is not None else 0)
+        self.context_dim = llm_dim  # width of the context tokens it takes
         self.proj = nn.Sequential(nn.LayerNorm(llm_dim), nn.Linear(llm_dim, cross_dim), nn.GELU(),
                                   nn.Linear(cross_dim, cross_dim))
         self.distance = nn.Embedding(cfg.max_context, cross_dim)
@@ -143,17 +129,10 @@ class ContextTokens(nn.Module):
         mask[:, 0] = True
         return out, mask
 
-    @staticmethod
-    def pool(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """(N, T, X) + mask → (N, X): the last kept token, the ``<boi>``'s (the null token for null rows)."""
-        if mask is None:
-            return context[:, -1]
-        last = (mask.long().sum(1) - 1).clamp(min=0)  # (N,): contexts are left-aligned
-        return context[torch.arange(context.shape[0], device=context.device), last]
-
     def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``drop`` (N,) bool marks the rows replaced by the null context."""
+                drop: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``drop`` (N,) bool marks the rows replaced by the null context; ``extra`` (N, T, X) is
+        added to every projected token."""
         N, T, _ = context.shape
         if mask is None:
             mask = torch.ones(N, T, dtype=torch.bool, device=context.device)
@@ -161,11 +140,11 @@ class ContextTokens(nn.Module):
         length = mask.sum(1, keepdim=True)  # (N, 1): contexts are left-aligned
         dist = (length - 1 - torch.arange(T, device=context.device)).clamp(0, self.distance.num_embeddings - 1)
         if context.shape[-1] != self.context_dim:
-            raise ValueError(f"the decoder's context tokens must be {self.context_dim} wide (hidden state"
-                             f"{' + word embedding' if self.words is not None else ''}), got {context.shape[-1]}")
-        out = self.proj(context[..., :self.llm_dim]) + self.distance(dist).to(context.dtype)
-        if self.words is not None:
-            out = out + context[..., self.llm_dim:]  # the word embeddings (MMInterleaved.decoder_context)
+            raise ValueError(f"the decoder's context tokens must be {self.context_dim} wide (the LLM's hidden "
+                             f"states), got {context.shape[-1]}")
+        out = self.proj(context) + self.distance(dist).to(context.dtype)
+        if extra is not None:
+            out = out + extra.to(out.dtype)  # the conditioners' terms, e.g. word embeddings
         out = self.norm_out(out)  # (N, T, X)
         out = out * mask[..., None]
         if drop is not None:
@@ -175,9 +154,9 @@ class ContextTokens(nn.Module):
         return out, mask
 
 
-def make_context_encoder(cfg: DecoderConfig, llm_dim: int, cross_dim: int, vocab_size: int | None = None) -> nn.Module:
+def make_context_encoder(cfg: DecoderConfig, llm_dim: int, cross_dim: int) -> nn.Module:
     if cfg.context_encoder == "tokens":
-        return ContextTokens(cfg, llm_dim, cross_dim, vocab_size)
+        return ContextTokens(cfg, llm_dim, cross_dim)
     return ContextPerceiver(cfg, llm_dim, cross_dim)
 
 
@@ -236,24 +215,20 @@ def widen_conv_in(unet: UNet2DConditionModel, extra: int) -> None:
     unet.register_to_config(in_channels=old.in_channels + extra)
 
 
-def _rename_perceiver_keys(state_dict, prefix, *args) -> None:
-    """Checkpoints from before ``context_encoder`` named the perceiver ``perceiver``."""
-    old = prefix + "perceiver."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "context_encoder." + key[len(old):]] = state_dict.pop(key)
-
-
 class ImageDecoder(nn.Module):
-    """UNet (+ VAE) + scheduler + context encoder + MMFS blocks; ``loss`` and ``sample``."""
+    """UNet (+ VAE) + scheduler + context encoder + MMFS blocks + conditioners; ``loss`` and ``sample``."""
 
     def __init__(self, cfg: DecoderConfig, mmfs_cfg: MMFSConfig, *, llm_dim: int, vision_dim: int,
                  num_levels: int, vocab_size: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.vae: AutoencoderKL | None = None
+        classes = [conditioner_class(name) for name in cfg.conditioners]
+        built_in = sum(c.channels for c in classes if c.built_in)  # UNet input channels made with it
         if cfg.pretrained is not None:
-            if cfg.coord_channels:
-                raise ValueError("model.decoder.coord_channels needs a UNet built from the config, "
+            if built_in:
+                names = ", ".join(n for n in cfg.conditioners if CONDITIONERS[n][2])
+                raise ValueError(f"model.decoder.conditioners: {names} needs a UNet built from the config, "
                                  "not model.decoder.pretrained")
             folder = _sd_folder(cfg)
             self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
@@ -265,16 +240,20 @@ class ImageDecoder(nn.Module):
                 log.info("decoder: using the folder's prediction type %r (config says %r)",
                          self.scheduler.config.prediction_type, cfg.prediction_type)
         else:
-            self.unet = _tiny_unet(cfg)
+            self.unet = _tiny_unet(cfg, built_in)
             self.scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
                                            beta_schedule=cfg.beta_schedule,
                                            prediction_type=cfg.prediction_type,
                                            timestep_spacing="trailing")
         uc = self.unet.config
         self.cross_dim = uc.cross_attention_dim
-        self.context_encoder = make_context_encoder(cfg, llm_dim, self.cross_dim, vocab_size)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
+        self.latent_channels = self.vae.config.latent_channels if self.vae else 3
+        self.conditioners = nn.ModuleDict({  # before the context encoder: the words' embedding comes first
+            name: cls(cfg, cross_dim=self.cross_dim, latent_channels=self.latent_channels, vocab_size=vocab_size)
+            for name, cls in zip(cfg.conditioners, classes)})
+        self.context_encoder = make_context_encoder(cfg, llm_dim, self.cross_dim)
         self.context_dim = self.context_encoder.context_dim  # width of the context tokens it takes
-        self._register_load_state_dict_pre_hook(_rename_perceiver_keys)
         self.mmfs_blocks = nn.ModuleDict()
         if mmfs_cfg.unet:
             for level in mmfs_cfg.unet_levels:
@@ -286,17 +265,26 @@ class ImageDecoder(nn.Module):
                 block = UNetMMFS(uc.block_out_channels[level], vision_dim, mmfs_cfg, num_levels, context_free)
                 self.mmfs_blocks[str(level)] = block
                 self.unet.down_blocks[level].register_forward_hook(block.hook)
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
-        self.latent_channels = self.vae.config.latent_channels if self.vae else 3
-        expected = self.latent_channels + (2 if cfg.coord_channels else 0)
-        if uc.in_channels != expected or uc.out_channels != self.latent_channels:
+        if uc.in_channels != self.latent_channels + built_in or uc.out_channels != self.latent_channels:
             raise ValueError(f"the UNet takes {uc.in_channels} and gives {uc.out_channels} channels, but "
                              f"{'the VAE latents have' if self.vae else 'pixel-space diffusion needs'} "
                              f"{self.latent_channels}; check model.decoder.use_vae")
-        self.previous_image = bool(mmfs_cfg.unet and mmfs_cfg.unet_previous_image)
-        if self.previous_image:
-            widen_conv_in(self.unet, self.latent_channels)
-        self._previous: torch.Tensor | None = None  # (B, c, s, s) inside image_context
+        # the UNet input: latents, built-in conditioners' channels, then the others' (zero weights)
+        ordered = sorted(self.conditioners.values(), key=lambda c: not c.built_in)  # stable: listed order
+        self._inputs = [c for c in ordered if c.channels]
+        added = sum(c.channels for c in ordered if not c.built_in)
+        if added:
+            widen_conv_in(self.unet, added)
+
+    @property
+    def previous_image(self) -> bool:
+        """Whether the decoder reads each image's latest earlier image (the ``previous_image`` conditioner)."""
+        return "previous_image" in self.conditioners
+
+    @property
+    def widened(self) -> bool:
+        """Whether conditioners added input channels to the UNet (its ``conv_in`` is then this model's own)."""
+        return any(c.channels and not c.built_in for c in self.conditioners.values())
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -316,13 +304,11 @@ class ImageDecoder(nn.Module):
         ``guidance_pairs``: the UNet batch is [null; cond] over the same latents (classifier-free
         guidance), twice the N rows given here; levels below the first cross-attention read the
         previous images once for both halves, the others repeat them. ``prev_image`` (N, 3, S', S')
-        in [-1, 1]: each row's latest earlier image (zeros where it has none), the UNet's extra input
-        channels with ``model.mmfs.unet_previous_image``.
-        Without features (or with none visible) the hooks do nothing.
+        in [-1, 1]: each row's latest earlier image (zeros where it has none), for the ``previous_image``
+        conditioner. Without features (or with none visible) the hooks do nothing.
         """
-        if self.previous_image and prev_image is not None:
-            z = self.encode_condition(prev_image)
-            self._previous = z.repeat(2, 1, 1, 1) if guidance_pairs else z
+        for conditioner in self.conditioners.values():
+            conditioner.begin(self, prev_image=prev_image, guidance_pairs=guidance_pairs)
         active = (prev_features is not None and prev_visible is not None and len(self.mmfs_blocks) > 0
                   and prev_visible.shape[-1] > 0 and bool(prev_visible.any()))
         if active:
@@ -336,29 +322,33 @@ class ImageDecoder(nn.Module):
         finally:
             for block in self.mmfs_blocks.values():
                 block.state = None
-            self._previous = None
+            for conditioner in self.conditioners.values():
+                conditioner.end()
 
-    def _coords(self, x: torch.Tensor) -> torch.Tensor:
-        """Append x/y coordinate channels in [-1, 1]: (N, c, s, s) → (N, c+2, s, s)."""
-        N, _, H, W = x.shape
-        ys = torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=x.device, dtype=x.dtype)
-        xs = torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=x.device, dtype=x.dtype)
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)  # (2, s, s)
-        return torch.cat([x, grid.unsqueeze(0).expand(N, -1, -1, -1)], dim=1)
+    def encode_context(self, context: torch.Tensor, context_mask: torch.Tensor | None,
+                       context_ids: torch.Tensor | None = None, *, drop: torch.Tensor | None = None):
+        """LLM context (N, T, llm_dim) + mask (N, T) + token ids (N, T) → UNet context (N, K, X) +
+        mask (N, K) or None, with the conditioners' per-token terms; ``drop`` (N,) rows get the null context."""
+        extra = None
+        for conditioner in self.conditioners.values():
+            term = conditioner.context(context_ids)  # (N, T, X) or None
+            if term is not None:
+                extra = term if extra is None else extra + term
+        return self.context_encoder(context, context_mask, drop=drop, extra=extra)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet call: x (N, c, s, s), t (N,) or scalar, context (N, K, X) [+ mask (N, K)]
-        → prediction (N, c, s, s)."""
-        if self.cfg.coord_channels:
-            x = self._coords(x)
-        if self.previous_image:  # no earlier image: zeros, as the input weights started
-            prev = self._previous if self._previous is not None else x.new_zeros(
-                x.shape[0], self.latent_channels, *x.shape[2:])
-            x = torch.cat([x, prev.to(x.dtype)], dim=1)
-        pooled = self.context_encoder.pool(context, context_mask).to(x.dtype) if self.cfg.pooled_context else None
-        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype), class_labels=pooled,
-                         encoder_attention_mask=context_mask).sample
+        → prediction (N, c, s, s). The conditioners' channels join x (inside :meth:`image_context`
+        for those that read a per-call input)."""
+        x = self.unet_input(x)
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype), encoder_attention_mask=context_mask).sample
+
+    def unet_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents (N, c, s, s) → the UNet's input (N, c + extra, s, s): the conditioners' channels joined."""
+        if not self._inputs:
+            return x
+        return torch.cat([x, *(c.input(x) for c in self._inputs)], dim=1)
 
     def encode(self, images: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
         """Images (N, 3, S, S) in [-1, 1] → diffusion space (N, c, s, s); ``mean``: the VAE latents'
@@ -373,7 +363,7 @@ class ImageDecoder(nn.Module):
 
     def encode_condition(self, images: torch.Tensor) -> torch.Tensor:
         """Earlier images (N, 3, S', S') in [-1, 1], all-zero rows meaning none → diffusion space
-        (N, c, s, s), zero rows kept zero (the input weights of a previous image start at zero)."""
+        (N, c, s, s), zero rows kept zero (the ``previous_image`` conditioner's input weights start at zero)."""
         if images.shape[-1] != self.cfg.image_size:
             images = torch.nn.functional.interpolate(images.float(), size=(self.cfg.image_size,) * 2,
                                                      mode="bilinear", antialias=True, align_corners=False)
@@ -392,11 +382,12 @@ class ImageDecoder(nn.Module):
 
     def loss(self, x0: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None,
              prev_features: list[torch.Tensor] | None = None, prev_visible: torch.Tensor | None = None,
-             *, prev_image: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             *, context_ids: torch.Tensor | None = None, prev_image: torch.Tensor | None = None,
+             uncond: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-image diffusion loss (N,).
 
-        Args: x0 (N, 3, S, S) in [-1, 1]; context (N, T, llm_dim) with mask (N, T) (None: null);
+        Args: x0 (N, 3, S, S) in [-1, 1]; context (N, T, llm_dim) with mask (N, T) (None: null) and
+        token ids (N, T) (for the ``words`` conditioner);
         prev_features/prev_visible/prev_image as in :meth:`image_context`; ``uncond`` (N,) bool
         forces the null context on those rows (default: each row with probability ``cfg_dropout`` in training).
         """
@@ -421,7 +412,7 @@ class ImageDecoder(nn.Module):
         if context is None:
             cond, cond_mask = self.context_encoder.null(N)
         else:
-            cond, cond_mask = self.context_encoder(context, context_mask, drop=uncond.to(device))  # (N, K, X)
+            cond, cond_mask = self.encode_context(context, context_mask, context_ids, drop=uncond.to(device))  # (N, K, X)
 
         with self.image_context(prev_features, prev_visible, prev_image=prev_image):
             pred = self.denoise(zt, t, cond, cond_mask)  # (N, c, s, s)
@@ -440,10 +431,12 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def sample(self, context: torch.Tensor | None, context_mask: torch.Tensor | None,
                prev_features: list[torch.Tensor] | None = None, prev_visible: torch.Tensor | None = None,
-               *, prev_image: torch.Tensor | None = None, sampler: str = "dpm++", steps: int = 20,
-               guidance: float = 2.5, generator: torch.Generator | None = None, num_images: int | None = None,
+               *, context_ids: torch.Tensor | None = None, prev_image: torch.Tensor | None = None,
+               sampler: str = "dpm++", steps: int = 20, guidance: float = 2.5,
+               generator: torch.Generator | None = None, num_images: int | None = None,
                progress: bool = False) -> torch.Tensor:
-        """Images (N, 3, S, S) in [-1, 1] from context (N, T, llm_dim) (None: unconditional)."""
+        """Images (N, 3, S, S) in [-1, 1] from context (N, T, llm_dim) and its token ids (N, T)
+        (None: unconditional); the other inputs as in :meth:`loss`."""
         device = next(self.unet.parameters()).device
         dtype = self.unet.dtype
         # 1. encode the condition; the null context is the unconditional branch
@@ -451,7 +444,7 @@ class ImageDecoder(nn.Module):
         if N is None:
             raise ValueError("sample() without context needs num_images")
         enc = self.context_encoder
-        cond, cond_mask = enc(context, context_mask) if context is not None else enc.null(N)
+        cond, cond_mask = self.encode_context(context, context_mask, context_ids) if context is not None else enc.null(N)
         do_cfg = context is not None and guidance != 1.0
         if do_cfg:
             null, null_mask = enc.null(N, cond.shape[1])

@@ -405,7 +405,7 @@ def _init_weights(model: torch.nn.Module, folder: Path) -> list[str]:
 
 
 def _widen_inputs(model: torch.nn.Module, state: dict) -> list[str]:
-    """The UNet's input convolution when the config adds input channels (``model.mmfs.unet_previous_image``):
+    """The UNet's input convolution when the config adds input channels (a conditioner such as ``previous_image``):
     the file's weights fill the first channels, the new ones start at zero. Returns what it widened."""
     key = "decoder.unet.conv_in.weight"
     here = dict(model.named_parameters()).get(key)
