@@ -193,13 +193,9 @@ def generate_command(
 
     if not prompt_files and not prompt and not image:
         fail("nothing to generate: give prompt files, --prompt TEXT or --image PATH")
-    if low_memory:  # read by MMInterleaved.from_pretrained
-        import os
-
-        os.environ["MMGEN_LOW_MEMORY"] = "1"
     try:
         report = generate_files(
-            prompt_files or [], out, checkpoint=checkpoint, device=device, overwrite=overwrite,
+            prompt_files or [], out, checkpoint=checkpoint, device=device, overwrite=overwrite, low_memory=low_memory,
             prompts=command_line_prompts(prompt or [], image or []),
             settings=dict(max_images=max_images, max_new_tokens=max_new_tokens, seed=seed, steps=steps,
                           sampler=sampler, guidance=guidance, temperature=temperature, top_p=top_p,
@@ -229,6 +225,8 @@ def serve_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where each result is saved as a document folder.")]
     = Path("out/serve"),
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
+    low_memory: Annotated[bool, typer.Option(
+        "--low-memory", help="The whole model in bfloat16 (half the memory; slower on CPUs without bf16).")] = False,
 ) -> None:
     """A local story studio: type a sentence or drop a picture, watch the story appear; JSON API at /api.
 
@@ -249,7 +247,7 @@ def serve_command(
     except OSError as e:
         fail(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host")
     try:
-        serve(checkpoint, out, host=host, port=port, device=device,
+        serve(checkpoint, out, host=host, port=port, device=device, low_memory=low_memory,
               on_ready=lambda url: typer.echo(f"serving the story studio on {url} (results in {out}; Ctrl-C stops)"))
     except GenerationError as e:
         fail(str(e))

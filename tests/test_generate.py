@@ -268,6 +268,16 @@ def test_prompts_and_pictures_on_the_command_line(tmp_path, checkpoint):
     assert doc.segments[0].type == "image" and doc.segments[0].source == "prompt"
 
 
+def test_low_memory_generation_runs_the_whole_model_in_bfloat16(tmp_path, checkpoint):
+    model, _ = load_model(checkpoint, "cpu", low_memory=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    result = runner.invoke(app, ["generate", "--prompt", "A small red circle is on the left.", "--low-memory",
+                                 "--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint), "--steps", "2",
+                                 "--max-images", "1", "--max-new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "prompt-0000" / "document.json").is_file()
+
+
 @pytest.mark.parametrize("args, words", [
     ([], "nothing to generate"),
     (["--prompt", "  "], "empty prompt"),

@@ -63,12 +63,13 @@ def model_folder(checkpoint: str | Path) -> Path:
     raise GenerationError(f"{path}: not a model folder (no model.safetensors), checkpoint or run folder")
 
 
-def load_model(checkpoint: str | Path = BUNDLED_CHECKPOINT, device: str = "auto"):
+def load_model(checkpoint: str | Path = BUNDLED_CHECKPOINT, device: str = "auto", *, low_memory: bool = False):
+    """The model of a model, checkpoint or run folder, and that model folder; ``low_memory``: in bfloat16."""
     from ..models.mm_interleaved import MMInterleaved
 
     folder = model_folder(checkpoint)
     try:
-        return MMInterleaved.from_pretrained(folder, device=resolve_device(device)), folder
+        return MMInterleaved.from_pretrained(folder, device=resolve_device(device), low_memory=low_memory), folder
     except (FileNotFoundError, ValueError, OSError) as e:
         raise GenerationError(f"cannot load the model from {folder}: {e}") from None
 
@@ -156,7 +157,7 @@ def command_line_prompts(texts: list[str], images: list[Path]) -> list[Document]
 
 def generate_files(files: list[Path], out: Path, *, checkpoint: str | Path = BUNDLED_CHECKPOINT,
                    device: str = "auto", overwrite: bool = False, settings: dict[str, Any] | None = None,
-                   progress: bool = False, prompts: list[Document] | None = None) -> Report:
+                   progress: bool = False, prompts: list[Document] | None = None, low_memory: bool = False) -> Report:
     """Generate every prompt of ``files`` (then ``prompts``) into ``out``; say what was written and what failed."""
     from .generator import Generator
 
@@ -172,7 +173,7 @@ def generate_files(files: list[Path], out: Path, *, checkpoint: str | Path = BUN
         prepare_out_dir(out, overwrite=overwrite)
     except OutputError as e:
         raise GenerationError(str(e)) from None
-    model, folder = load_model(checkpoint, device)
+    model, folder = load_model(checkpoint, device, low_memory=low_memory)
     s = make_settings(model, settings)
     taken: set[str] = set()
     total_images = sum(s.max_images if not any(seg.is_placeholder for seg in p.segments)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -404,15 +403,14 @@ class MMInterleaved(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, device: str | torch.device = "cpu",
-                        overrides: list[str] | tuple[str, ...] = (), low_memory: bool | None = None) -> MMInterleaved:
+                        overrides: list[str] | tuple[str, ...] = (), low_memory: bool = False) -> MMInterleaved:
         """Load a folder written by :meth:`save_pretrained` (safetensors only, strict keys): the model
         is rebuilt from the base folders its config names (``overrides`` such as
         ``model.llm.pretrained=/new/place`` point at moved ones), then the file's tensors are read
         into it a chunk at a time from the memory-mapped file.
 
-        For inference the whole model takes one dtype: bfloat16 with ``low_memory`` (default: the
-        ``MMGEN_LOW_MEMORY`` environment variable, which ``mmgen generate --low-memory`` sets), else
-        that of its frozen parts (``model.frozen_dtype``)."""
+        For inference the whole model takes one dtype: bfloat16 with ``low_memory`` (``mmgen generate
+        --low-memory``), else that of its frozen parts (``model.frozen_dtype``)."""
         folder = Path(folder)
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR) if not (folder / name).exists()]
         if missing:
@@ -439,8 +437,6 @@ class MMInterleaved(nn.Module):
         verify_checksum(folder, WEIGHTS_NAME)
         model = cls(cfg, load_tokenizer(folder / TOKENIZER_DIR))
         model.load_weights(folder)
-        if low_memory is None:
-            low_memory = os.environ.get("MMGEN_LOW_MEMORY", "") not in ("", "0", "false")
         dtype = torch.bfloat16 if low_memory else model.frozen_dtype()
         return model.to(device=device, dtype=dtype if dtype != torch.float32 else None)
 

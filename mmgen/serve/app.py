@@ -134,13 +134,13 @@ def build_app(studio: Studio) -> Starlette:
 
 
 def serve(checkpoint: Path, out: Path, *, host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-          on_ready=None) -> None:
+          low_memory: bool = False, on_ready=None) -> None:
     """Load the model once, then serve the page and the API until Ctrl-C."""
     import uvicorn
 
     from ..generation.api import load_model
 
-    model, folder = load_model(checkpoint, device)
+    model, folder = load_model(checkpoint, device, low_memory=low_memory)
     out.mkdir(parents=True, exist_ok=True)
     app = build_app(Studio(model, folder, out))
     if on_ready is not None:
