@@ -122,3 +122,33 @@ def test_a_worker_that_dies_is_named_with_its_shard_and_the_checkpoint_survives(
     for step, ckpt in saved:  # every checkpoint written is whole
         assert json.loads((ckpt / "trainer" / "state.json").read_text())["step"] == step
         assert (ckpt / "model" / "model.safetensors").stat().st_size > 0
+
+
+def test_two_ranks_with_two_workers_each_train_on_a_mixed_vist_and_webdataset_source(tmp_path, corpora):
+    """The shipped CPU DDP launch (2 gloo processes), each rank reading the corpora in 2 workers:
+    both ranks ran (world size 2), read their own documents (their losses differ), agreed on the
+    gradients, and counted the bad records they met; one checkpoint, one done line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_train import TINY
+
+    root = Path(__file__).resolve().parent.parent
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "configs" / "accelerate" / "ddp_cpu.yaml"), "-m", "cli.main", "train", *TINY, *corpora,
+           "data.num_workers=2", f"train.out_dir={run}", "train.steps=3", "train.save_every=3"]
+    done = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(run)] == [3]
+    rows = losses(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["world_size"] == 2 and r["engine"] == "ddp", r
+        assert r["rank_losses"][0] != r["rank_losses"][1]
+        a, b = r["rank_grad_norms"]
+        assert a > 0 and abs(a - b) <= 1e-6 * a, r
+    assert rows[-1]["bad_records"] >= 1
+    assert done.stdout.count("done at step 3") == 1, done.stdout
