@@ -95,10 +95,10 @@ def write_document(doc: Document, folder: Path) -> Written:
                 pictures[-1].save(folder / out.path, format="PNG")
             segments.append(out)
         record = Document(doc.id, segments, doc.meta)
+        story_picture(record, pictures).save(folder / "story.png", format="PNG")  # pictures first, then the text
         _atomic_text(folder / "document.json", json.dumps(record.to_json(), indent=2, ensure_ascii=False) + "\n")
         _atomic_text(folder / "index.html", document_html(record))
         _atomic_text(folder / "story.md", document_markdown(record))
-        story_picture(record, pictures).save(folder / "story.png", format="PNG")
     except OSError as e:
         raise OutputError(f"{folder}: cannot write ({e.strerror or e})") from None
     images = tuple(seg.path for seg in segments if seg.type == "image" and seg.path)
