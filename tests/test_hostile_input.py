@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import signal
 import struct
 import zlib
@@ -226,8 +227,8 @@ def dumps(obj: object, *, ascii: bool, indent: int | None = None) -> bytes:
         return v
 
     text = json.dumps(mark(obj), ensure_ascii=ascii, indent=indent)
-    for i, raw in enumerate(raws):
-        text = text.replace(f'"@@RAW{i}@@"', raw)
+    # one pass (a replace per raw value scanned the whole text each time: minutes for 1,000 of them)
+    text = re.sub(r'"@@RAW(\d+)@@"', lambda m: raws[int(m.group(1))], text)
     return text.encode("utf-8", "surrogatepass")
 
 
