@@ -354,3 +354,13 @@ def test_a_generate_run_prints_only_progress_and_the_summary(tmp_path):
     progress = [line for line in lines if line.startswith(("documents", "images"))]
     assert len(summary) == 1 and progress
     assert len(summary) + len(progress) == len(lines), lines
+
+
+def test_the_gallery_lists_documents_in_prompt_order(tmp_path, checkpoint):
+    txt, jsonl = write_prompts(tmp_path)
+    report = generate_files([jsonl, txt], tmp_path / "out", checkpoint=checkpoint, device="cpu",
+                            settings=dict(FAST, batch_size=2))
+    assert [w.id for w in report.written] == ["cont", "cap", "stories-0000", "stories-0001"]
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert [page.index(f'href="{n}/index.html"') for n in ("cont", "cap", "stories-0000", "stories-0001")] == \
+        sorted(page.index(f'href="{n}/index.html"') for n in ("cont", "cap", "stories-0000", "stories-0001"))

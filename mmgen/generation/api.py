@@ -176,6 +176,7 @@ def generate_files(files: list[Path], out: Path, *, checkpoint: str | Path = BUN
     model, folder = load_model(checkpoint, device, low_memory=low_memory)
     s = make_settings(model, settings)
     taken: set[str] = set()
+    position: dict[Path, int] = {}  # output folder -> its prompt's index
     total_images = sum(s.max_images if not any(seg.is_placeholder for seg in p.segments)
                        else sum(seg.is_placeholder and seg.type == "image" for seg in p.segments) for p in prompts)
     with _progress(progress, len(prompts), total_images) as (on_doc, on_image):
@@ -188,9 +189,11 @@ def generate_files(files: list[Path], out: Path, *, checkpoint: str | Path = BUN
                 try:
                     _, target = unique_folder(out, result.id, taken)
                     report.written.append(write_document(result, target))
+                    position[target] = i
                 except OutputError as e:
                     report.failed.append(f"{where}: {e}")
             on_doc()
+    report.written.sort(key=lambda w: position[w.folder])  # prompt order, not completion order
     try:
         write_run_index(out, report.written, report.failed)
     except OutputError as e:
