@@ -168,6 +168,7 @@ def test_the_stream_sends_each_segment_then_the_document(server):
     ({"prompt": "A red circle.", "max_images": 1000}, 400, "max_images"),
     ({"prompt": "A red circle.", "colour": "red"}, 400, "unknown field"),
     ({"prompt": "A red circle.", "kind": "poem"}, 400, "story, captions, web"),
+    ({"prompt": "A red circle.", "sampler": ["dpm++"]}, 400, "a name"),
     ({"prompt": {"segments": [{"type": "image", "path": "/etc/passwd"}]}}, 400, "opens no paths"),
     ({"prompt": {"segments": [{"type": "sound"}]}}, 400, "prompt"),
     ({"prompt": 5}, 400, "sentence or a document"),

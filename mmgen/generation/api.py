@@ -138,7 +138,8 @@ def command_line_prompts(texts: list[str], images: list[Path]) -> list[Document]
     """
     for text in texts:
         if not text.strip():
-            raise GenerationError("--prompt: an empty prompt; give a sentence, e.g. --prompt \"A small red circle is on the left.\"")
+            raise GenerationError('--prompt: an empty prompt; give a sentence, e.g. '
+                                  '--prompt "A small red circle is on the left."')
     for path in images:
         if not Path(path).is_file():
             raise GenerationError(f"--image {path}: no such file")

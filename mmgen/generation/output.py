@@ -30,10 +30,13 @@ class Written:
     id: str
     folder: Path
     title: str  # the first sentence
-    num_images: int
     images: tuple[str, ...] = ()  # paths relative to ``folder``, in order
     seed: int | None = None
     sampler: str | None = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
 
 
 def prepare_out_dir(out: Path, *, overwrite: bool) -> None:
@@ -102,7 +105,7 @@ def write_document(doc: Document, folder: Path) -> Written:
     except OSError as e:
         raise OutputError(f"{folder}: cannot write ({e.strerror or e})") from None
     images = tuple(seg.path for seg in segments if seg.type == "image" and seg.path)
-    return Written(doc.id, folder, _title(record), k, images, doc.meta.get("seed"), doc.meta.get("sampler"))
+    return Written(doc.id, folder, _title(record), images, doc.meta.get("seed"), doc.meta.get("sampler"))
 
 
 def write_run_index(out: Path, written: list[Written], failed: list[str]) -> Path:

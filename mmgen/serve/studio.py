@@ -59,7 +59,7 @@ class RequestError(ValueError):
 class Job:
     id: str
     prompt: Document
-    settings: dict[str, Any]
+    settings: Any  # the GenerateConfig it runs with
     events: list[dict[str, Any]] = field(default_factory=list)  # {"event": name, "data": {...}}, in order
     state: str = "queued"  # queued | running | done | failed
     document: dict[str, Any] | None = None  # the finished document (our format), image segments with `url`
@@ -149,9 +149,7 @@ def _document_prompt(obj: dict[str, Any], job_id: str) -> Document:
 
 
 def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
-    """The sampling settings of a request, checked against :data:`LIMITS` and the sampler registry."""
-    from ..models.samplers import SAMPLERS, unknown_sampler
-
+    """The sampling settings a request gives, numbers checked against :data:`LIMITS`."""
     settings: dict[str, Any] = {}
     for key, (kind, low, high) in LIMITS.items():
         value = body.get(key)
@@ -164,18 +162,12 @@ def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
         settings[key] = kind(value)
     if settings.get("top_p") == 0:
         raise RequestError('"top_p" must be above 0')
-    kind = body.get("kind")
-    if kind is not None:
-        from ..data.kinds import KINDS, unknown_kind
-
-        if kind not in KINDS:
-            raise RequestError(unknown_kind(kind))
-        settings["kind"] = kind
-    sampler = body.get("sampler")
-    if sampler is not None:
-        if sampler not in SAMPLERS:
-            raise RequestError(unknown_sampler(sampler))
-        settings["sampler"] = sampler
+    for key in ("sampler", "kind"):  # names in a registry: Studio.submit checks them with the model's settings
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise RequestError(f'"{key}" must be a name (a string)')
+            settings[key] = value
     return settings
 
 
@@ -205,7 +197,8 @@ class Studio:
 
         return {"defaults": {k: getattr(g, k) for k in ("sampler", "steps", "guidance", "temperature", "top_p",
                                                          "max_images", "max_new_tokens", "seed", "kind")},
-                "samplers": list(SAMPLERS), "kinds": list(KINDS), "limits": {k: [lo, hi] for k, (_, lo, hi) in LIMITS.items()},
+                "samplers": list(SAMPLERS), "kinds": list(KINDS),
+                "limits": {k: [lo, hi] for k, (_, lo, hi) in LIMITS.items()},
                 "checkpoint": str(self.checkpoint), "max_prompt_chars": MAX_PROMPT_CHARS}
 
     def submit(self, body: object) -> Job:
@@ -215,7 +208,12 @@ class Studio:
         unknown = sorted(set(body) - {"prompt", "image", "sampler", "kind", *LIMITS})
         if unknown:
             raise RequestError(f"unknown field(s): {', '.join(unknown)}")
-        settings = parse_settings(body)
+        from ..generation.api import GenerationError, make_settings
+
+        try:  # the model's generate settings with the request's; unknown sampler or kind names refused here
+            settings = make_settings(self.model, parse_settings(body))
+        except GenerationError as e:
+            raise RequestError(str(e)) from None
         with self.cond:
             job_id = f"{self._stamp}-{next(self._ids):04d}"
         # the prompt's id seeds its sampling: the one `mmgen generate --prompt` and `mmgen.generate` give
@@ -267,10 +265,8 @@ class Studio:
     def _run(self, job: Job) -> None:
         import json
 
-        from ..generation.api import make_settings
         from ..generation.output import write_document
 
-        settings = make_settings(self.model, job.settings)
         counter = itertools.count(1)
 
         def on_segment(_: int, seg: Segment) -> None:
@@ -285,7 +281,7 @@ class Studio:
             self._emit(job, "segment", data)
 
         result = None
-        for _, result in self.generator.generate([job.prompt], settings, on_segment=on_segment):
+        for _, result in self.generator.generate([job.prompt], job.settings, on_segment=on_segment):
             pass
         if isinstance(result, Exception):
             raise result
