@@ -351,7 +351,7 @@ class AlignConfig:
     # the text encoder: a CLIPTextModel built from these numbers, fed the project's tokenizer
     text_hidden_size: int = 64
     text_num_layers: int = 2
-    text_num_heads: int = 4
+    text_num_heads: int = 4  # also the heads of the two cross-modal attention modules
     text_intermediate_size: int = 128
     text_max_len: int = 32  # tokens per caption, end-of-text token included
     embed_dim: int = 64  # shared image-text embedding width
@@ -359,30 +359,20 @@ class AlignConfig:
     global_crops: int = 2
     global_scale: tuple[float, float] = (0.7, 1.0)  # mild: positions are named in the captions
     local_crops: int = 4
-    local_scale: tuple[float, float] = (0.15, 0.45)
     local_size: int = 16  # pixels; a multiple of model.vision.patch_size
     text_crops: int = 2  # cropped captions: random runs of words of the sentence
-    text_crop_words: tuple[float, float] = (0.3, 0.7)  # share of the sentence's words kept
     # losses
     distill_weight: float = 1.0  # weight of the self-distillation loss; 0: contrastive only
-    init_temperature: float = 0.07  # contrastive temperature (learned)
     prototypes: int = 64  # K outputs of the DINO-style projection head
     head_hidden: int = 64
-    head_bottleneck: int = 32
-    cross_attn_heads: int = 4
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    center_momentum: float = 0.9
     teacher_momentum: float = 0.996  # EMA decay of the teacher
-    teacher_momentum_final: float | None = None  # cosine ramp to this (DINO: 1.0); null: fixed
     export: Literal["student", "teacher"] = "student"  # the towers written to step-*/vision, text
     eval_n: int = 64  # fresh frames for the retrieval score at the end of a run
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "text_hidden_size", "text_num_layers", "text_num_heads",
                   "text_intermediate_size", "text_max_len", "embed_dim", "global_crops", "local_size",
-                  "prototypes", "head_hidden", "head_bottleneck", "cross_attn_heads", "student_temp",
-                  "teacher_temp", "init_temperature", "eval_n")
+                  "prototypes", "head_hidden", "eval_n")
         if self.lr <= 0:
             raise ConfigError("align.lr must be positive")
         if self.warmup_steps < 0 or self.local_crops < 0 or self.text_crops < 0:
@@ -391,20 +381,17 @@ class AlignConfig:
             raise ConfigError("align.batch_size must be at least 2: the contrastive loss needs negatives")
         if self.text_hidden_size % self.text_num_heads:
             raise ConfigError("align.text_hidden_size must be divisible by align.text_num_heads")
-        if self.embed_dim % self.cross_attn_heads:
-            raise ConfigError("align.embed_dim must be divisible by align.cross_attn_heads")
+        if self.embed_dim % self.text_num_heads:  # the cross-attention modules use the text encoder's heads
+            raise ConfigError("align.embed_dim must be divisible by align.text_num_heads")
         if self.text_max_len < 2:
             raise ConfigError("align.text_max_len must be at least 2 (a word and the end-of-text token)")
-        for name in ("global_scale", "local_scale", "text_crop_words"):
-            lo, hi = getattr(self, name)
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ConfigError(f"align.{name} must be two shares with 0 < low <= high <= 1, got {[lo, hi]}")
+        lo, hi = self.global_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"align.global_scale must be two shares with 0 < low <= high <= 1, got {[lo, hi]}")
         if self.distill_weight < 0:
             raise ConfigError("align.distill_weight must not be negative (0 trains the contrastive loss alone)")
-        for name in ("teacher_momentum", "teacher_momentum_final", "center_momentum"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise ConfigError(f"align.{name} must be in [0, 1], got {v}")
+        if not 0.0 <= self.teacher_momentum <= 1.0:
+            raise ConfigError(f"align.teacher_momentum must be in [0, 1], got {self.teacher_momentum}")
 
 
 @dataclass
@@ -441,6 +428,29 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def frozen_dtype_name(self) -> str:
+        """``model.frozen_dtype`` with "auto" resolved from ``train.mixed_precision``."""
+        name = self.model.frozen_dtype
+        if name == "auto":
+            name = {"bf16": "bfloat16", "fp16": "float16"}.get(self.train.mixed_precision, "float32")
+        return name
+
+    def model_yaml(self) -> str:
+        """What a model folder keeps: the sections a loaded model reads (``MODEL_SECTIONS``), with
+        the frozen dtype resolved (the ``train`` section it came from is not kept)."""
+        raw = {k: v for k, v in self.to_dict().items() if k in MODEL_SECTIONS}
+        raw["model"]["frozen_dtype"] = self.frozen_dtype_name()
+        return yaml.safe_dump(raw, sort_keys=False)
+
+
+# the sections of a model folder's config.yaml: training and the align stage stay in the run folder
+MODEL_SECTIONS = ("model", "data", "generate")
+
+
+def model_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A model folder's config as read back: older folders' ``train`` and ``align`` sections dropped."""
+    return {k: v for k, v in raw.items() if k in MODEL_SECTIONS}
 
 
 # ---------------------------------------------------------------------------------------------

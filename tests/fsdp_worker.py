@@ -24,10 +24,16 @@ from mmgen.training.data import DocumentStream
 from mmgen.training.distributed import (full_model_state, full_optimizer_state, load_full_model_state,
                                         load_full_optimizer_state, local_numel, shard, wrap_class_names)
 from mmgen.training.optim import EMA, build_optimizer
-from mmgen.training.trainer import _documents
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.test_train import TINY  # noqa: E402
+
+
+def _documents(stream, step: int, micro: int, rank: int):
+    """An endless document stream for one micro-batch (the collator takes what it needs)."""
+    rng = stream.rng(step, micro, rank)
+    while True:
+        yield from stream.draw(rng, 8)
 
 
 def step(model, optimizer, batch) -> float:

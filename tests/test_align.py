@@ -11,15 +11,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from mmgen.config import ConfigError, load_config
 from mmgen.data.tokenizer import build_tokenizer, special_ids
-from mmgen.training.align import (
-    Cosmos,
-    crop_caption,
-    draw_frames,
-    evaluate_alignment,
-    make_views,
-    random_resized_crops,
-    train_align,
-)
+from mmgen.models.cosmos import Cosmos, crop_caption, draw_frames, make_views, random_resized_crops
+from mmgen.training.align import evaluate_alignment, train_align
 from mmgen.training.checkpoint import list_checkpoints
 from tests.test_train import TINY
 
@@ -27,8 +20,8 @@ from tests.test_train import TINY
 ALIGN_TINY = [
     "model.vision.hidden_size=16", "model.vision.num_layers=1", "model.vision.num_heads=2",
     "model.vision.intermediate_size=32", "align.text_hidden_size=16", "align.text_num_layers=1",
-    "align.text_num_heads=2", "align.text_intermediate_size=32", "align.embed_dim=16", "align.cross_attn_heads=2",
-    "align.prototypes=16", "align.head_hidden=16", "align.head_bottleneck=8", "align.batch_size=8",
+    "align.text_num_heads=2", "align.text_intermediate_size=32", "align.embed_dim=16",
+    "align.prototypes=16", "align.head_hidden=16", "align.batch_size=8",
     "align.local_crops=2", "align.text_crops=1", "align.warmup_steps=1", "align.eval_n=16", "train.log_every=1",
 ]
 

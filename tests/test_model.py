@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
@@ -181,7 +183,15 @@ def test_save_load_identical(tiny, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checksums.json", "config.yaml", "model.safetensors", "tokenizer"]
     loaded = MMInterleaved.from_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.cfg == model.cfg
+    # the folder keeps what a loaded model reads; training settings stay in the run folder
+    saved = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
+    assert list(saved) == ["model", "data", "generate"] and saved["model"]["frozen_dtype"] == "float32"
+    assert (loaded.cfg.data, loaded.cfg.generate) == (model.cfg.data, model.cfg.generate)
+    assert replace(loaded.cfg.model, frozen_dtype="auto") == model.cfg.model
+    # a folder written before keeps loading: its train and align sections (retired keys too) are not read
+    saved.update(train={"init_from": "/gone", "steps": 7}, align={"student_temp": 0.1})
+    (tmp_path / "ckpt" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert MMInterleaved.from_pretrained(tmp_path / "ckpt").cfg == loaded.cfg
     assert len(loaded.tokenizer) == len(model.tokenizer)
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)

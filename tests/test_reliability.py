@@ -341,7 +341,7 @@ DAMAGED_CHECKPOINTS = {
                           r"model/tokenizer/ is missing, so the checkpoint is incomplete"),
     "other hidden size": (lambda c: None, ["model.llm.hidden_size=64"],
                           r"do not fit the model this config builds \(.* is \[\d+, 32\] in the file but \[\d+, 64\]"
-                          r".*resume with that config"),
+                          r".*resume with that model config"),
     "other hidden size, no EMA": (_without_ema, ["model.llm.hidden_size=64"],
                                   r"do not fit the model this config builds .*\[\d+, 64\]"),
 }

@@ -33,7 +33,7 @@ def export_model(folder: str | Path, out: str | Path, *, overrides: list[str] | 
     """Write a standalone copy of the model folder ``folder`` (or a ``step-*`` checkpoint) into ``out``."""
     from mmgen.config import _apply_override
     from mmgen.models.mm_interleaved import check_base_folders, resolve_base_folders, verify_checksum
-    from mmgen.config import config_from_dict
+    from mmgen.config import config_from_dict, model_config_dict
 
     folder, out = Path(folder), Path(out)
     if (folder / "model" / WEIGHTS_NAME).is_file():
@@ -43,7 +43,7 @@ def export_model(folder: str | Path, out: str | Path, *, overrides: list[str] | 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; give a new folder")
     verify_checksum(folder, WEIGHTS_NAME)
-    raw = yaml.safe_load((folder / CONFIG_NAME).read_text(encoding="utf-8")) or {}
+    raw = model_config_dict(yaml.safe_load((folder / CONFIG_NAME).read_text(encoding="utf-8")) or {})
     for item in overrides:
         _apply_override(raw, item)
     resolve_base_folders(raw, folder)

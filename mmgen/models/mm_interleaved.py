@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from mmgen.config import Config, ConfigError, config_from_dict
+from mmgen.config import Config, ConfigError, config_from_dict, model_config_dict
 from mmgen.data.collate import IGNORE, Batch, collate, encode_document, truncate
 from mmgen.data.documents import Document, Segment
 from mmgen.data.tokenizer import load_tokenizer, special_ids
@@ -397,7 +397,7 @@ class MMInterleaved(nn.Module):
             (folder / BASE_NAME).write_text(json.dumps({"folders": self.base_folders(),
                                                         "tensors_left_out": len(base)}, indent=2) + "\n")
         (folder / CHECKSUMS_NAME).write_text(json.dumps({WEIGHTS_NAME: file_sha256(folder / WEIGHTS_NAME)}) + "\n")
-        (folder / CONFIG_NAME).write_text(self.cfg.to_yaml(), encoding="utf-8")
+        (folder / CONFIG_NAME).write_text(self.cfg.model_yaml(), encoding="utf-8")
         self.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
         return folder
 
@@ -424,7 +424,7 @@ class MMInterleaved(nn.Module):
             raise ValueError(f"{folder / CONFIG_NAME}: not valid YAML: {e}") from None
         from mmgen.config import _apply_override
 
-        raw = raw or {}
+        raw = model_config_dict(raw or {})
         try:
             for item in overrides:
                 _apply_override(raw, item)

@@ -22,10 +22,7 @@ CHECKSUMS_NAME = "checksums.json"
 
 
 def _frozen_dtype(cfg: Config) -> torch.dtype:
-    name = cfg.model.frozen_dtype
-    if name == "auto":
-        name = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.mixed_precision, "float32")
-    return getattr(torch, name)
+    return getattr(torch, cfg.frozen_dtype_name())
 
 
 def resolve_base_folders(raw: dict, folder: Path) -> None:

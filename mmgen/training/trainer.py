@@ -8,10 +8,7 @@ same losses and weights.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +17,13 @@ import torch
 
 from ..config import Config
 from .checkpoint import CheckpointError, load_trainer_state, remove_partial, resolve_resume, save_checkpoint
-from .data import DocumentStream
 from .loader import BatchLoader
+from .loop import Loop, StepOutput, TrainingError, is_oom, out_of_memory, trim_metrics
 from .distributed import (EngineError, accelerator_kwargs, check_engine, configure_fsdp, full_model_state,
                           full_optimizer_state, is_sharded, load_full_optimizer_state)
 from .low_memory import enable_checkpointing
 from .optim import EMA, build_optimizer, build_scheduler
 from .plot import plot_losses, read_metrics
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what was kept."""
 
 
 @dataclass
@@ -44,31 +37,6 @@ class TrainResult:
     world_size: int = 1
 
 
-class StopOnInterrupt:
-    """The first Ctrl-C asks a training loop to stop (and save) after the step in flight;
-    a second one restores the previous handler and quits at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            signal.signal(signal.SIGINT, self._previous)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)")
-
-    def install(self) -> None:
-        self._previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def restore(self) -> None:
-        """Put back the handler that ``install`` replaced (nothing if it was never installed)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def _seed_everything(seed: int, step: int, micro: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step * 1_009 + micro * 17 + rank) % (2**63))
 
@@ -79,8 +47,6 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     ``train.steps``). Returns where it stopped."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from tqdm.auto import tqdm
-
     from ..data.tokenizer import build_tokenizer
     from ..models.mm_interleaved import MMInterleaved, weights_mismatch
 
@@ -117,7 +83,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
     try:
         model = MMInterleaved(cfg, tokenizer)
     except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
         raise TrainingError(out_of_memory(e, "building the model", None)) from None
     if main:  # the sizes of the model as loaded (a pretrained folder's, not the config's numbers)
@@ -152,7 +118,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
         saved["raw"] = None  # loaded: no second copy of the weights
         start, samples_seen = saved["state"]["step"], saved["state"].get("samples_seen", 0)
     if main and ckpt is None:  # steps after the checkpoint are done again: drop their rows
-        _trim_metrics(run / "metrics.jsonl", start)
+        trim_metrics(run / "metrics.jsonl", start)
 
     if engine.startswith("fsdp"):
         names = configure_fsdp(accelerator, model)
@@ -176,7 +142,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                                  "shadow": saved["ema"]})
         del saved  # the optimiser holds its state now: no second copy
         if main:
-            _trim_metrics(run / "metrics.jsonl", start)
+            trim_metrics(run / "metrics.jsonl", start)
             print(f"resumed from {ckpt} at step {start}")
     end = min(tc.steps, max_steps) if max_steps is not None else tc.steps
     # micro-batches are read, decoded and collated ahead, in data.num_workers processes
@@ -185,7 +151,7 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
 
     def save(step: int) -> Path | None:
         """Every rank calls this (sharded tensors are gathered together); the main one writes."""
-        state = {"step": step, "seed": tc.seed, "samples_seen": samples_seen, "engine": engine,
+        state = {"step": step, "seed": tc.seed, "samples_seen": loop.samples_seen, "engine": engine,
                  "world_size": accelerator.num_processes,
                  "data_position": {"step": step, "note": "documents are a function of (seed, step, micro, rank)"}}
         sharded = is_sharded(raw_model)
@@ -210,110 +176,55 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
                                raw_state=raw_state, ema_state=ema_state, optimizer_state=optim_state,
                                scheduler=scheduler, state=state, keep_last_n=tc.keep_last_n)
 
-    # 3. Ctrl-C: finish the step in flight, save, stop
-    stop = StopOnInterrupt()
-    if main:
-        stop.install()
-    last_ckpt = ckpt
-    metrics_file = run / "metrics.jsonl"
-    bar = tqdm(total=end, initial=start, desc="train", disable=not (main and show_progress), dynamic_ncols=True)
+    # 3. one optimiser step over grad_accum micro-batches; the loop logs, saves and stops
     model.train()
-    step = start
-    t_last, samples_last = time.perf_counter(), samples_seen
-    phase = "the forward pass"
-    try:
-        while step < end and not stop.requested:
-            # 4. one optimiser step over grad_accum micro-batches
-            totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
-            for micro in range(tc.grad_accum):
-                _seed_everything(tc.seed, step, micro, rank)
-                batch = loader.next(step, micro).to(accelerator.device)
-                phase = "the forward pass"
-                with accelerator.autocast():
-                    out = model(batch, image_loss_limit=tc.image_loss_limit)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {step}; stopping. The last good checkpoint "
-                        f"is {last_ckpt or 'none (no checkpoint was written yet)'} and was left untouched. "
-                        "Try a lower train.lr or train.grad_clip.")
-                sync = micro == tc.grad_accum - 1
-                phase = "the backward pass"
-                with (accelerator.no_sync(model) if not sync else nullcontext()):
-                    accelerator.backward(loss / tc.grad_accum)
-                for k, v in out.items():  # every loss the model returns (e.g. contrastive_loss) is logged
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
-                samples_seen += batch.input_ids.shape[0] * accelerator.num_processes
-            # the norm before clipping is logged: how often it exceeds the clip says how much clipping slows training
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            ranks = _per_rank(accelerator, totals["loss"], grad_norm) if accelerator.num_processes > 1 else None
-            phase = "the optimiser step"
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update((n, p) for n, p in raw_model.named_parameters() if p.requires_grad)
-            step += 1
 
-            # 5. log, save
-            if main and (step % tc.log_every == 0 or step == end):
-                now = time.perf_counter()
-                sps = (samples_seen - samples_last) / max(now - t_last, 1e-9)
-                t_last, samples_last = now, samples_seen
-                row = {"step": step, **{k: round(v, 6) for k, v in totals.items()},
-                       "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else None,
-                       "lr": scheduler.get_last_lr()[0], "samples_per_s": round(sps, 3),
-                       **loader.log_fields()}  # bad records skipped so far (this process)
-                if ranks is not None:  # what each process saw: its own data, the same synchronised gradients
-                    row.update(world_size=accelerator.num_processes, engine=engine, **ranks)
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(text=f"{totals['text_loss']:.3f}", image=f"{totals['image_loss']:.4f}",
-                                lr=f"{row['lr']:.2e}", sps=f"{sps:.1f}")
-            bar.update(1)
-            if step % tc.save_every == 0 or step == end:
-                accelerator.wait_for_everyone()
-                last_ckpt = save(step) or last_ckpt
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not _is_oom(e):
-            raise
-        raise TrainingError(out_of_memory(e, f"{phase} of step {step + 1}", last_ckpt)) from None
+    def step_fn(step: int) -> StepOutput:
+        totals, samples = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+        for micro in range(tc.grad_accum):
+            _seed_everything(tc.seed, step, micro, rank)
+            batch = loader.next(step, micro).to(accelerator.device)
+            loop.phase = "the forward pass"
+            with accelerator.autocast():
+                out = model(batch, image_loss_limit=tc.image_loss_limit)
+            loop.check_finite(out["loss"], step, "Try a lower train.lr or train.grad_clip.")
+            sync = micro == tc.grad_accum - 1
+            loop.phase = "the backward pass"
+            with (accelerator.no_sync(model) if not sync else nullcontext()):
+                accelerator.backward(out["loss"] / tc.grad_accum)
+            for k, v in out.items():  # every loss the model returns (e.g. contrastive_loss) is logged
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / tc.grad_accum
+            samples += batch.input_ids.shape[0] * accelerator.num_processes
+        # the norm before clipping is logged: how often it exceeds the clip says how much clipping slows training
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        ranks = _per_rank(accelerator, totals["loss"], grad_norm) if accelerator.num_processes > 1 else None
+        loop.phase = "the optimiser step"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ema is not None:
+            ema.update((n, p) for n, p in raw_model.named_parameters() if p.requires_grad)
+        fields = {**{k: round(v, 6) for k, v in totals.items()},
+                  "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else None,
+                  "lr": scheduler.get_last_lr()[0], **loader.log_fields()}  # bad records skipped so far (this process)
+        if ranks is not None:  # what each process saw: its own data, the same synchronised gradients
+            fields.update(world_size=accelerator.num_processes, engine=engine, **ranks)
+        return StepOutput(fields, samples)
+
+    loop = Loop(run, start, end, step_fn, save, tc.save_every, tc.log_every, last_checkpoint=ckpt,
+                samples_seen=samples_seen, main=main, show_progress=show_progress,
+                postfix=lambda row: dict(text=f"{row['text_loss']:.3f}", image=f"{row['image_loss']:.4f}",
+                                         lr=f"{row['lr']:.2e}"),
+                barrier=accelerator.wait_for_everyone)
+    try:
+        step = loop.run_steps()
     finally:
         loader.close()
-        bar.close()
-        stop.restore()
-    if stop.requested:
-        accelerator.wait_for_everyone()
-        if last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}"):
-            last_ckpt = save(step) or last_ckpt
-            if main:
-                print(f"saved {last_ckpt}; resume with --resume auto")
-    if main and metrics_file.exists():
-        plot_losses(read_metrics(metrics_file), run / "loss.png")
+    if main and (run / "metrics.jsonl").exists():
+        plot_losses(read_metrics(run / "metrics.jsonl"), run / "loss.png")
     accelerator.wait_for_everyone()
-    return TrainResult(run, step, last_ckpt, interrupted=stop.requested, main=main, engine=engine,
+    return TrainResult(run, step, loop.last_checkpoint, interrupted=loop.interrupted, main=main, engine=engine,
                        world_size=accelerator.num_processes)
-
-
-def _is_oom(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
-def out_of_memory(e: BaseException, part: str, last_ckpt: Path | None) -> str:
-    """One line: which part ran out of memory, how much it asked for, what to try."""
-    import re
-
-    m = re.search(r"(?:tried to allocate|allocate memory: you tried to allocate)\s+([\d.]+)\s*(bytes|[KMG]i?B)",
-                  str(e), re.IGNORECASE)
-    need = ""
-    if m:
-        n, unit = float(m[1]), m[2]
-        n = n / 2**30 if unit == "bytes" else n / 1024 if unit.upper().startswith("M") else n
-        need = f" (one more allocation of {n:.2f} GiB did not fit)"
-    return (f"out of memory in {part}{need}; the last checkpoint "
-            f"{'is ' + str(last_ckpt) + ', untouched' if last_ckpt else 'does not exist yet'} — try --low-memory, "
-            "a smaller data.seq_len or train.image_loss_limit")
 
 
 def _per_rank(accelerator, loss: float, grad_norm) -> dict:
@@ -343,8 +254,8 @@ def _buffers(model: torch.nn.Module) -> set[str]:
 
 
 _MISMATCH = ("{ckpt}: its weights do not fit the model this config builds ({what}); it was trained with "
-             "another model config — resume with that config (-c {ckpt}/model/config.yaml), or start afresh in a "
-             "new train.out_dir")
+             "another model config — resume with that model config (-c {ckpt}/model/config.yaml "
+             "train.out_dir={ckpt.parent} and your train settings), or start afresh in a new train.out_dir")
 
 
 def _checkpoint_tokenizer(ckpt: Path):
@@ -439,22 +350,3 @@ def _load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise TrainingError(f"{folder / 'model.safetensors'}: cannot resume from it ({str(e).splitlines()[0]}); it "
                             "is damaged — resume from another step-* folder or start afresh") from None
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step`` (and drop a line cut short by a kill)."""
-    if not path.exists():
-        return
-    rows = [r for r in read_metrics(path) if isinstance(r, dict) and isinstance(r.get("step"), int)
-            and r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _documents(stream: DocumentStream, step: int, micro: int, rank: int):
-    """An endless document stream for one micro-batch (the collator takes what it needs)."""
-    rng = stream.rng(step, micro, rank)
-    while True:
-        yield from stream.draw(rng, 8)
-
