@@ -356,7 +356,6 @@ class AlignConfig:
     text_max_len: int = 32  # tokens per caption, end-of-text token included
     embed_dim: int = 64  # shared image-text embedding width
     # multi-crop: image crops are given as shares of the frame's area
-    global_crops: int = 2
     global_scale: tuple[float, float] = (0.7, 1.0)  # mild: positions are named in the captions
     local_crops: int = 4
     local_size: int = 16  # pixels; a multiple of model.vision.patch_size
@@ -364,15 +363,14 @@ class AlignConfig:
     # losses
     distill_weight: float = 1.0  # weight of the self-distillation loss; 0: contrastive only
     prototypes: int = 64  # K outputs of the DINO-style projection head
-    head_hidden: int = 64
     teacher_momentum: float = 0.996  # EMA decay of the teacher
     export: Literal["student", "teacher"] = "student"  # the towers written to step-*/vision, text
     eval_n: int = 64  # fresh frames for the retrieval score at the end of a run
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "text_hidden_size", "text_num_layers", "text_num_heads",
-                  "text_intermediate_size", "text_max_len", "embed_dim", "global_crops", "local_size",
-                  "prototypes", "head_hidden", "eval_n")
+                  "text_intermediate_size", "text_max_len", "embed_dim", "local_size",
+                  "prototypes", "eval_n")
         if self.lr <= 0:
             raise ConfigError("align.lr must be positive")
         if self.warmup_steps < 0 or self.local_crops < 0 or self.text_crops < 0:
@@ -437,20 +435,26 @@ class Config:
         return name
 
     def model_yaml(self) -> str:
-        """What a model folder keeps: the sections a loaded model reads (``MODEL_SECTIONS``), with
-        the frozen dtype resolved (the ``train`` section it came from is not kept)."""
-        raw = {k: v for k, v in self.to_dict().items() if k in MODEL_SECTIONS}
+        """What a model folder keeps: what a loaded model reads (``model_config_dict``), with the
+        frozen dtype resolved; the rest of ``train`` and the ``align`` section stay in the run folder."""
+        raw = model_config_dict(self.to_dict())
         raw["model"]["frozen_dtype"] = self.frozen_dtype_name()
         return yaml.safe_dump(raw, sort_keys=False)
 
 
-# the sections of a model folder's config.yaml: training and the align stage stay in the run folder
+# what a model folder's config.yaml holds: whole sections, and the one train setting the model's
+# forward pass reads (the weights of its losses)
 MODEL_SECTIONS = ("model", "data", "generate")
+MODEL_TRAIN_KEYS = ("loss_weights",)
 
 
 def model_config_dict(raw: dict[str, Any]) -> dict[str, Any]:
-    """A model folder's config as read back: older folders' ``train`` and ``align`` sections dropped."""
-    return {k: v for k, v in raw.items() if k in MODEL_SECTIONS}
+    """The part of a config a model folder keeps (older folders' other train keys and align section dropped)."""
+    out = {k: v for k, v in raw.items() if k in MODEL_SECTIONS}
+    train = {k: v for k, v in (raw.get("train") or {}).items() if k in MODEL_TRAIN_KEYS}
+    if train:
+        out["train"] = train
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

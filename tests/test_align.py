@@ -21,7 +21,7 @@ ALIGN_TINY = [
     "model.vision.hidden_size=16", "model.vision.num_layers=1", "model.vision.num_heads=2",
     "model.vision.intermediate_size=32", "align.text_hidden_size=16", "align.text_num_layers=1",
     "align.text_num_heads=2", "align.text_intermediate_size=32", "align.embed_dim=16",
-    "align.prototypes=16", "align.head_hidden=16", "align.batch_size=8",
+    "align.prototypes=16", "align.batch_size=8",
     "align.local_crops=2", "align.text_crops=1", "align.warmup_steps=1", "align.eval_n=16", "train.log_every=1",
 ]
 

@@ -185,11 +185,14 @@ def test_save_load_identical(tiny, tmp_path):
     loaded = MMInterleaved.from_pretrained(tmp_path / "ckpt").eval()
     # the folder keeps what a loaded model reads; training settings stay in the run folder
     saved = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
-    assert list(saved) == ["model", "data", "generate"] and saved["model"]["frozen_dtype"] == "float32"
+    assert list(saved) == ["model", "data", "generate", "train"] and saved["model"]["frozen_dtype"] == "float32"
+    assert list(saved["train"]) == ["loss_weights"]  # what the model's forward pass reads of training
     assert (loaded.cfg.data, loaded.cfg.generate) == (model.cfg.data, model.cfg.generate)
+    assert loaded.cfg.train.loss_weights == model.cfg.train.loss_weights
     assert replace(loaded.cfg.model, frozen_dtype="auto") == model.cfg.model
     # a folder written before keeps loading: its train and align sections (retired keys too) are not read
-    saved.update(train={"init_from": "/gone", "steps": 7}, align={"student_temp": 0.1})
+    saved["train"].update(init_from="/gone", steps=7)
+    saved["align"] = {"student_temp": 0.1}
     (tmp_path / "ckpt" / "config.yaml").write_text(yaml.safe_dump(saved))
     assert MMInterleaved.from_pretrained(tmp_path / "ckpt").cfg == loaded.cfg
     assert len(loaded.tokenizer) == len(model.tokenizer)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mmgen.config import AlignConfig, Config
 
 # constants of the recipe, as DINO and COSMOS set them (never varied here, so not config knobs)
+GLOBAL_CROPS = 2  # DINO's two global views
 LOCAL_SCALE = (0.15, 0.45)  # local crops: share of the frame's area
 TEXT_CROP_WORDS = (0.3, 0.7)  # cropped captions: share of the sentence's words kept
 INIT_TEMPERATURE = 0.07  # contrastive temperature at the start (learned; CLIP's value)
@@ -93,7 +94,7 @@ def make_views(images: torch.Tensor, sentences: list[str], cfg: AlignConfig, tok
     from ..models.text_encoder import encode_captions
 
     gen = torch.Generator().manual_seed(rng.getrandbits(63))
-    globals_ = random_resized_crops(images, cfg.global_crops, cfg.global_scale, image_size, gen)
+    globals_ = random_resized_crops(images, GLOBAL_CROPS, cfg.global_scale, image_size, gen)
     locals_ = (random_resized_crops(images, cfg.local_crops, LOCAL_SCALE, cfg.local_size, gen)
                if cfg.local_crops else None)
     captions = list(sentences)
@@ -208,7 +209,7 @@ class Cosmos(nn.Module):
                              f"size {vc.patch_size}")
         self.image_size = vc.image_size  # S
         self.mean, self.std = _normalisation(cfg.model.vision.pretrained)
-        head = ProjectionHead(a.embed_dim, a.head_hidden, HEAD_BOTTLENECK, a.prototypes)
+        head = ProjectionHead(a.embed_dim, a.embed_dim, HEAD_BOTTLENECK, a.prototypes)  # hidden width: E
         self.student = DualEncoder(vision, build_text_encoder(a, tokenizer), embed_dim=a.embed_dim,
                                    mean=self.mean, std=self.std, head=head)
         self.student.vision.requires_grad_(cfg.model.vision.trainable)
