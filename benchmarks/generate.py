@@ -163,7 +163,7 @@ def main() -> None:
     del wide
 
     # 2. batch 16 vs 1 on 16 story prompts (each: one sentence, then 2 images of continuation)
-    from mmgen.data.shapes import eval_prompts
+    from mmgen.evaluation.shapes_prompts import eval_prompts
 
     prompts = eval_prompts("story", 4 if args.quick else 16, 0, model.cfg.data.image_size)
     gen = Generator(model)

@@ -280,7 +280,7 @@ def export_command(
 def eval_command(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Model, checkpoint or run folder.")] = BUNDLED,
     tasks: Annotated[str, typer.Option(
-        "--tasks", help="Comma-separated: t2i, caption, continuation, story, zeroshot, fewshot, retrieval; "
+        "--tasks", help="Comma-separated: t2i, caption, continuation, story, reintro, zeroshot, fewshot, retrieval; "
                         "caption@48 / continuation@96 (given frames drawn at that size), caption@jpeg (64 px, "
                         "JPEG quality 70).")]
     = "t2i,caption,continuation,story",

@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from mmgen.data.documents import Document, Segment
-from mmgen.data.shapes import Frame, eval_prompts, render_frame
+from mmgen.data.shapes import Frame, render_frame
+from mmgen.evaluation.shapes_prompts import eval_prompts
 from mmgen.evaluation.shapes_eval import score_caption, score_continuation, score_story, score_t2i
 
 from .test_generate import checkpoint  # noqa: F401  (the tiny saved model fixture)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from mmgen.data.documents import Document, Segment, iter_records
-from mmgen.data.shapes import eval_prompts
+from mmgen.evaluation.shapes_prompts import eval_prompts
 from mmgen.generation.api import GenerationError, generate, generate_files, load_model
 
 from .browser import FLAGS, chromium

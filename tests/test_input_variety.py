@@ -8,7 +8,9 @@ import pytest
 
 from mmgen.config import ConfigError, load_config
 from mmgen.data.collate import image_to_tensor, tensor_to_image
-from mmgen.data.shapes import INPUT_SIZES, Frame, eval_prompts, random_frame, read_image, render_as_arrived, render_frame
+from mmgen.data.shapes import INPUT_SIZES, Frame, random_frame, render_as_arrived, render_frame
+from mmgen.data.shapes_reader import read_image
+from mmgen.evaluation.shapes_prompts import eval_prompts
 from mmgen.evaluation.shapes_eval import task_variant
 from mmgen.training.data import build_source
 

@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from mmgen.data import shapes as S
+from mmgen.data.shapes_reader import read_image, score_attributes
+from mmgen.evaluation.shapes_prompts import eval_prompts
 from mmgen.data.shapes import Frame
 
 ALL = list(S.all_frames())
@@ -25,7 +27,7 @@ def test_all_frames_enumerates_the_contract():
 def test_reader_reads_every_rendered_frame(size):
     wrong = []
     for f in ALL:
-        got = S.read_image(S.render_array(f, size))
+        got = read_image(S.render_array(f, size))
         if not got["found"] or any(got[k] != v for k, v in f.to_dict().items()):
             wrong.append((f, got))
     assert not wrong, f"{len(wrong)} misread at W={size}, e.g. {wrong[0]}"
@@ -38,7 +40,7 @@ def test_render_frame_is_flat_rgb_with_table_colours(size):
     assert img.mode == "RGB" and img.size == (size, size)
     colours = {tuple(c) for c in np.asarray(img).reshape(-1, 3)}
     assert colours == {S.BACKGROUNDS["cream"], S.COLOURS["purple"]}
-    assert S.read_image(img)["shape"] == "triangle"  # PIL input works too
+    assert read_image(img)["shape"] == "triangle"  # PIL input works too
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -62,7 +64,7 @@ def test_shape_geometry_reads_back_at_every_small_size():
     for size in range(32, 73):
         for shape, sz, pos in itertools.product(S.SHAPES, S.SIZES, S.POSITIONS):
             f = Frame(shape, "red", sz, pos, "gray")
-            got = S.read_image(S.render_array(f, size))
+            got = read_image(S.render_array(f, size))
             assert (got["shape"], got["size"], got["position"]) == (shape, sz, pos), (size, f)
             assert abs(S.half_extent(shape, sz, pos, size) - S.HALF_EXTENT[sz] * size / 64) <= 0.5
 
@@ -76,10 +78,10 @@ def test_blank_canvas_has_no_object():
     for bg, rgb in S.BACKGROUNDS.items():
         img = np.empty((64, 64, 3), np.uint8)
         img[:] = rgb
-        got = S.read_image(img)
+        got = read_image(img)
         assert got["found"] is False and got["background"] == bg
         assert all(got[a] is None for a in S.ATTRIBUTES)
-    assert S.score_attributes(S.read_image(img), ALL[0].to_dict())["joint"] is False
+    assert score_attributes(read_image(img), ALL[0].to_dict())["joint"] is False
 
 
 def test_frame_validates_names():
@@ -162,12 +164,12 @@ def test_score_attributes():
     truth = {"shape": "circle", "colour": "red", "size": "large", "position": "top"}
     truth["background"] = "sky"
     pred = {**truth, "colour": "blue"}
-    assert S.score_attributes(pred, truth) == {
+    assert score_attributes(pred, truth) == {
         "shape": True, "colour": False, "size": True, "position": True, "joint": False,
     }  # fmt: skip
-    assert S.score_attributes(truth, truth)["joint"]
-    assert S.score_attributes(None, truth) == dict.fromkeys([*S.ATTRIBUTES, "joint"], False)
-    assert S.score_attributes(pred, truth, ("background",)) == {"background": True, "joint": True}
+    assert score_attributes(truth, truth)["joint"]
+    assert score_attributes(None, truth) == dict.fromkeys([*S.ATTRIBUTES, "joint"], False)
+    assert score_attributes(pred, truth, ("background",)) == {"background": True, "joint": True}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def _check_story(doc):
             assert S.changed_attribute(frames[k - 1], frame) == change == parsed["change"]
         attrs = S.apply_change(attrs, parsed)
         assert attrs == frame.to_dict()
-        assert S.read_image(image) == {"found": True, **frame.to_dict()}
+        assert read_image(image) == {"found": True, **frame.to_dict()}
     return truth["order"], len(frames), [f["change"] for f in truth["frames"][1:]]
 
 
@@ -222,7 +224,7 @@ def test_pairs_are_independent_described_frames():
             assert text.type == "text" and image.type == "image"
             parsed = S.parse_sentence(text.text)
             assert parsed["kind"] == "intro" and f["change"] is None
-            assert S.read_image(image.image) == {"found": True, **{a: f[a] for a in
+            assert read_image(image.image) == {"found": True, **{a: f[a] for a in
                                                   ("shape", "colour", "size", "position", "background")}}
     # the background is the document's, as in a story (the synchronizer's rule holds everywhere);
     # it is drawn per document, so all four occur
@@ -270,7 +272,7 @@ def test_write_corpus_is_byte_identical_per_seed(tmp_path):
                 assert not seg["path"].startswith("/") and img.size == (32, 32)
         frames = doc["meta"]["shapes"]["frames"]
         first = next(s for s in doc["segments"] if s["type"] == "image")
-        read = S.read_image(Image.open(tmp_path / "a" / first["path"]))
+        read = read_image(Image.open(tmp_path / "a" / first["path"]))
         assert read == {"found": True, **{k: v for k, v in frames[0].items() if k != "change"}}
 
 
@@ -284,18 +286,19 @@ def test_eval_prompts():
         "caption": [("image", False), ("text", True)],
         "continuation": [("text", False), ("image", False), ("text", False), ("image", True)],
         "story": [("text", False)],
+        "reintro": [("text", False), ("image", False), ("text", False), ("image", True)],
     }
     for task, layout in layouts.items():
-        docs = S.eval_prompts(task, 20, seed=0, size=32)
+        docs = eval_prompts(task, 20, seed=0, size=32)
         assert len(docs) == 20 and docs[0].id == f"{task}-0000"
         records = [d.to_json() for d in docs]
-        assert records == [d.to_json() for d in S.eval_prompts(task, 20, seed=0, size=32)]
-        assert records != [d.to_json() for d in S.eval_prompts(task, 20, seed=1, size=32)]
+        assert records == [d.to_json() for d in eval_prompts(task, 20, seed=0, size=32)]
+        assert records != [d.to_json() for d in eval_prompts(task, 20, seed=1, size=32)]
         for d in docs:
             assert [(s.type, s.is_placeholder) for s in d.segments] == layout
             truth = d.meta["shapes"]
             assert truth["task"] == task
-            assert len(truth["frames"]) == (2 if task == "continuation" else 1)
+            assert len(truth["frames"]) == (2 if task in ("continuation", "reintro") else 1)
             first = truth["frames"][0]
             if task != "caption":
                 parsed = S.parse_sentence(d.segments[0].text)
@@ -306,16 +309,21 @@ def test_eval_prompts():
                 assert second["background"] == first["background"]
                 parsed = S.parse_sentence(d.segments[2].text)
                 assert parsed["change"] == second["change"]
-            if task in ("caption", "continuation"):
+            if task == "reintro":  # another object's introduction, on the same background
+                second = truth["frames"][1]
+                assert second["background"] == first["background"] and second["change"] is None
+                attrs = S.apply_change({"background": first["background"]}, S.parse_sentence(d.segments[2].text))
+                assert attrs == {k: v for k, v in second.items() if k != "change"}
+            if task in ("caption", "continuation", "reintro"):
                 image = next(s.image for s in d.segments if s.type == "image")
-                assert S.read_image(image)["colour"] == first["colour"]
+                assert read_image(image)["colour"] == first["colour"]
     with pytest.raises(ValueError, match="unknown evaluation task"):
-        S.eval_prompts("vqa", 1, 0, 32)
+        eval_prompts("vqa", 1, 0, 32)
 
 
 def test_eval_stream_differs_from_training():
     train = next(S.stream_stories(0, 32)).meta["shapes"]["frames"][0]
-    evals = [S.eval_prompts(t, 1, 0, 32)[0].meta["shapes"]["frames"][0] for t in S.TASKS]
+    evals = [eval_prompts(t, 1, 0, 32)[0].meta["shapes"]["frames"][0] for t in S.TASKS]
     assert sum(e == train for e in evals) < len(evals)
 
 

@@ -20,7 +20,8 @@ from mmgen.config import ConfigError, DataConfig, SourceConfig, load_config
 from mmgen.data.collate import Collator
 from mmgen.data.documents import DocumentError, iter_records, read_documents, validate_files
 from mmgen.data.media import document_images, load_image, load_video_frames
-from mmgen.data.shapes import ATTRIBUTES, Frame, random_frames, read_image, render_array, stream_stories
+from mmgen.data.shapes import ATTRIBUTES, Frame, random_frames, render_array, stream_stories
+from mmgen.data.shapes_reader import read_image
 from mmgen.data.shapes_video import (
     FPS,
     FRAMES_PER_STATE,

@@ -8,7 +8,7 @@ The contract lives in ``docs/SHAPESTORIES.md``; in short:
   size (half-extent s = 7 small / 12 large at W = 64) and position (3x3 grid, centres at
   0.25, 0.5, 0.75 W). Triangle: (cx, cy-s), (cx-s, cy+s), (cx+s, cy+s).
 - Rasterisation (ours): a pixel is painted when its centre (x + 0.5, y + 0.5) lies inside
-  the shape, boundary included; no antialiasing, so :func:`read_image` is exact. On a few
+  the shape, boundary included; no antialiasing, so :func:`~mmgen.data.shapes_reader.read_image` is exact. On a few
   small canvases (W = 33-54) a digitised small circle or triangle would read back as another
   shape; there :func:`half_extent` nudges s by at most 0.5 px (see there).
 - Sentences: intro ``A {size} {colour} {shape} is {where}.``; changes
@@ -81,7 +81,7 @@ WHERE = (
 )  # fmt: skip
 ATTRIBUTES = ("shape", "colour", "size", "position")  # the object; scored jointly
 CHANGES = ATTRIBUTES  # a later frame changes exactly one of these
-TASKS = ("t2i", "caption", "continuation", "story")
+TASKS = ("t2i", "caption", "continuation", "story", "reintro")
 
 OBJECT_DISTANCE = 60.0  # object pixels are farther than this from the background (RGB)
 SIZE_THRESHOLD = 9.5  # at W = 64: small when half the larger bbox side is under this
@@ -471,68 +471,7 @@ def write_corpus(
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation prompts
-
-
-def eval_prompts(task: str, n: int, seed: int, size: int = 64, *, input_size: int | None = None,
-                 jpeg: int | None = None) -> list[Document]:
-    """``n`` prompts for one evaluation task, ground truth in ``meta["shapes"]``.
-
-    The prompt's frames are drawn at ``input_size`` (default ``size``) and, with ``jpeg``, saved
-    as JPEG at that quality and read back: frames as a user's files arrive. The prompts are the
-    same whatever the frames' form.
-
-    - ``t2i``: intro sentence, image placeholder; truth: frame 1 (background not scored).
-    - ``caption``: image, text placeholder; truth: frame 1.
-    - ``continuation``: intro, frame-1 image, change sentence, image placeholder; truth: both
-      frames (frame 2 keeps frame 1's background).
-    - ``story``: intro sentence only; truth: frame 1.
-
-    The generator is ``random.Random(f"mmgen-shapes-eval/{task}/{seed}")``, a stream apart
-    from training's ``random.Random(seed)``.
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown evaluation task {task!r}; expected one of {', '.join(TASKS)}")
-    _check_size(size)
-    rng = random.Random(f"mmgen-shapes-eval/{task}/{seed}")
-    if input_size is not None:
-        _check_size(input_size)
-
-    def given(frame: Frame) -> Image.Image:
-        drawn = render_frame(frame, input_size or size)
-        return jpeg_round_trip(drawn, jpeg) if jpeg else drawn
-
-    docs = []
-    for i in range(n):
-        frames, changes = random_frames(rng, 2 if task == "continuation" else 1)
-        intro = Segment("text", text=intro_sentence(frames[0]))
-        if task == "t2i":
-            segments = [intro, Segment("image")]
-        elif task == "caption":
-            segments = [Segment("image", image=given(frames[0])), Segment("text")]
-        elif task == "continuation":
-            segments = [
-                intro,
-                Segment("image", image=given(frames[0])),
-                Segment("text", text=frame_sentence(frames, 1)),
-                Segment("image"),
-            ]
-        else:
-            segments = [intro]
-        order = "image-text" if task == "caption" else "text-image"
-        truth = _truth(frames, changes, size, task=task, order=order)
-        docs.append(Document(f"{task}-{i:04d}", segments, meta={"shapes": truth}))
-    return docs
-
-
-# ---------------------------------------------------------------------------------------------
-# reading images back, scoring
-
-
-def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> str:
-    names = list(table)
-    d = np.linalg.norm(np.asarray([table[k] for k in names], dtype=np.float64) - rgb, axis=1)
-    return names[int(np.argmin(d))]
+# reading an object mask back (the full reader: mmgen/data/shapes_reader.py)
 
 
 def _read_mask(mask: np.ndarray, w: int, h: int) -> tuple[str, str, str]:
@@ -545,47 +484,3 @@ def _read_mask(mask: np.ndarray, w: int, h: int) -> tuple[str, str, str]:
     fill = len(xs) / (bw * bh)
     shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
     return shape, size, POSITIONS[3 * row + col]
-
-
-def read_image(img: Image.Image | np.ndarray) -> dict[str, Any]:
-    """Read a frame back by the contract's rule (``img``: PIL image or (H, W, 3) 0-255 array).
-
-    Returns ``{"found", "background", "shape", "colour", "size", "position"}``; with no
-    object pixels, ``found`` is False and the object attributes are None.
-    """
-    if isinstance(img, Image.Image):
-        a = np.asarray(img.convert("RGB"), dtype=np.float64)
-    else:
-        a = np.asarray(img, dtype=np.float64)
-        if a.ndim == 2:
-            a = np.repeat(a[:, :, None], 3, axis=2)
-        a = a[:, :, :3]
-    h, w = a.shape[:2]
-    # 1. background: per-channel median of the outer 2-pixel ring
-    ring = np.ones((h, w), dtype=bool)
-    ring[2:-2, 2:-2] = False
-    background = _nearest(np.median(a[ring], axis=0), BACKGROUNDS)
-    # 2. object pixels: farther than 60 from the background's table colour
-    bg_rgb = np.asarray(BACKGROUNDS[background], dtype=np.float64)
-    mask = np.linalg.norm(a - bg_rgb, axis=2) > OBJECT_DISTANCE  # (H, W)
-    out: dict[str, Any] = {"found": False, "background": background}
-    out.update(dict.fromkeys(ATTRIBUTES))
-    if not mask.any():
-        return out
-    # 3. colour: nearest to the median; shape, size, position: from the mask's geometry
-    colour = _nearest(np.median(a[mask], axis=0), COLOURS)
-    shape, size, position = _read_mask(mask, w, h)
-    out.update(found=True, shape=shape, colour=colour, size=size, position=position)
-    return out
-
-
-def score_attributes(
-    pred: dict[str, Any] | None,
-    truth: dict[str, Any],
-    attributes: tuple[str, ...] = ATTRIBUTES,
-) -> dict[str, bool]:
-    """Per-attribute correctness and ``joint`` (all right); a None prediction scores all False."""
-    pred = pred or {}
-    scores = {a: pred.get(a) is not None and pred.get(a) == truth[a] for a in attributes}
-    scores["joint"] = all(scores.values())
-    return scores

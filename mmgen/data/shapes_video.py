@@ -10,7 +10,7 @@ document can sample a video (docs/DOCUMENTS.md) land on it exactly:
   draws it; the remaining ``F - F//2 - 1`` frames move towards state ``k + 1`` (the last state
   is held to the end);
 - so ``"frames": n`` (the centres of n equal parts: ``k*F + F//2``) and ``"fps": 8 / F``
-  (``k*F``) both give the n states, and :func:`~mmgen.data.shapes.read_image` reads them
+  (``k*F``) both give the n states, and :func:`~mmgen.data.shapes_reader.read_image` reads them
   right. :func:`key_frame_indices` names the first kind.
 
 In-between frames (ours, not part of the ShapeStories contract): with the eased fraction

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.documents import Document
-from ..data.shapes import ATTRIBUTES, TASKS, apply_change, eval_prompts, parse_sentence, read_image, score_attributes
+from ..data.shapes import ATTRIBUTES, TASKS, apply_change, parse_sentence
+from ..data.shapes_reader import read_image, score_attributes
+from .shapes_prompts import eval_prompts
 
 _SENTENCE_END = re.compile(r"(?<=\.)\s+")
 
@@ -84,6 +86,19 @@ def score_continuation(doc: Document, truth: dict) -> Sample:
     return Sample("continuation", doc.id, doc, second, read, scores)
 
 
+def score_reintro(doc: Document, truth: dict) -> Sample:
+    """The image after a new introduction: right (``joint``), or showing an attribute of the frame
+    before where the new sentence names another value (``copied``); the background kept."""
+    first, second = truth["frames"][0], truth["frames"][1]
+    images = _generated(doc, "image")
+    read = read_image(images[0].image) if images else None
+    scores = score_attributes(read, second)
+    differ = [a for a in ATTRIBUTES if first[a] != second[a]]
+    scores["copied"] = bool(read) and any(read.get(a) == first[a] for a in differ)
+    scores["background"] = bool(read) and read.get("background") == first["background"]
+    return Sample("reintro", doc.id, doc, second, read, scores)
+
+
 def in_words(doc: Document, source: str) -> str:
     """The ``source`` ("prompt" or "generated") segments of ``doc`` in reading order, images as
     ``[image]``, joined by " / "."""
@@ -122,7 +137,8 @@ def score_story(doc: Document, truth: dict) -> Sample:
     return Sample("story", doc.id, doc, truth["frames"][0], None, scores, text=in_words(doc, "generated"))
 
 
-SCORERS = {"t2i": score_t2i, "caption": score_caption, "continuation": score_continuation, "story": score_story}
+SCORERS = {"t2i": score_t2i, "caption": score_caption, "continuation": score_continuation, "story": score_story,
+           "reintro": score_reintro}
 JPEG_EVAL = (64, 70)  # TASK@jpeg: the canonical size at the lowest quality the targets cover
 
 
@@ -176,7 +192,8 @@ def evaluate(model, tasks: list[str], *, n: int = 64, seed: int = 0, settings: d
                                     ("grammar", "sentences"), ("changes", "sentences"))}
             metrics["images_per_story"] = round(sum(x.scores["images"] for x in samples) / max(1, len(samples)), 3)
         else:
-            keys = (*ATTRIBUTES, "joint") + (("background",) if base == "continuation" else ()) \
+            keys = (*ATTRIBUTES, "joint") + (("background",) if base in ("continuation", "reintro") else ()) \
+                + (("copied",) if base == "reintro" else ()) \
                 + (("grammar",) if base == "caption" else ())
             metrics = _summary(samples, keys)
         out[task] = TaskResult(task, metrics, samples, round(time.perf_counter() - t0, 2))
