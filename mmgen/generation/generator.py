@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import torch
@@ -45,6 +46,23 @@ Settings = GenerateConfig
 def settings_from(cfg: GenerateConfig, **overrides: Any) -> GenerateConfig:
     """``cfg`` with the overrides that are not None."""
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class Mode(Enum):
+    """What a document being generated does next; :meth:`Generator._transition` is every change.
+
+    ============  =========================================================================
+    WRITE         sample the next token and continue the document freely (the start)
+    FILL_TEXT     sample the text of a text placeholder
+    DRAW          the chunk being fed ends with ``<boi>``: an image is drawn after it
+    DONE          finished: the document leaves the batch
+    ============  =========================================================================
+    """
+
+    WRITE = "write"
+    FILL_TEXT = "fill_text"
+    DRAW = "draw"
+    DONE = "done"
 
 
 @dataclass
@@ -69,12 +87,10 @@ class _Doc:
     latest: torch.Tensor | None = None  # the latest image's pixels (3, S, S)
     boi_at: list[int] = field(default_factory=list)  # cache index of each image's <boi>
     text: list[int] = field(default_factory=list)  # tokens of the text being generated
-    filling_text: bool = False  # generating for a text placeholder
-    wants_image: bool = False  # the chunk being fed ends with <boi>
+    mode: Mode = Mode.WRITE
     new_tokens: int = 0
     new_images: int = 0
     length: int = 0  # real tokens fed
-    done: bool = False
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"text": 0.0, "image": 0.0})
 
@@ -156,16 +172,42 @@ class Generator:
         while d.pending:
             seg = d.pending.pop(0)
             if seg.is_placeholder:
-                if seg.type == "text":
-                    d.filling_text = True
-                else:
-                    d.chunk_ids.append(self.sp.boi)
-                    d.wants_image = True
+                self._transition(d, "text placeholder" if seg.type == "text" else "image placeholder", s)
                 return
             self._queue_segment(d, seg)
         if d.placeholders:  # the last place is filled: the document is complete
-            d.done = True
+            self._transition(d, "prompt filled", s)
+
+    def _transition(self, d: _Doc, event: str, s: Settings) -> None:
+        """Every change of ``d.mode``: what happened (``event``) and the mode it leads to."""
+        if event == "text placeholder":  # the prompt asks for a sentence here
+            d.mode = Mode.FILL_TEXT
+        elif event in ("image placeholder", "boi"):  # an image here: given by the prompt, or written
+            if event == "boi" and d.new_images >= s.max_images:
+                d.mode = Mode.DONE
+            else:
+                d.chunk_ids = [*(d.chunk_ids if event == "image placeholder" else []), self.sp.boi]
+                d.mode = Mode.DRAW
+        elif event == "prompt filled":  # the last placeholder is filled: the document is complete
             d.chunk_ids, d.chunk_images = [], []
+            d.mode = Mode.DONE
+        elif event == "text ended":  # <eod>, <boi> or a limit ends a generated text
+            if d.mode is Mode.FILL_TEXT:  # the text place is filled; the prompt goes on
+                d.mode = Mode.WRITE
+                self._advance_prompt(d, s)
+            else:
+                d.mode = Mode.DONE
+        elif event == "image drawn":  # the <boi> was fed; the image's embeddings are the next chunk
+            d.mode = Mode.WRITE
+            if d.placeholders:
+                self._advance_prompt(d, s)
+        elif event == "context full":
+            d.warnings.append(f"stopped at the model's context length ({self.max_len} tokens)")
+            d.mode = Mode.DONE
+        else:
+            raise ValueError(f"unknown generation event {event!r}")
+        if d.mode in (Mode.WRITE, Mode.FILL_TEXT) and not d.chunk_ids:  # nothing left to feed
+            d.mode = Mode.DONE
 
     def _queue_segment(self, d: _Doc, seg: Segment) -> None:
         """Add one prompt segment to the output and its tokens (and images) to the chunk."""
@@ -212,9 +254,9 @@ class Generator:
     def _run(self, docs: dict[int, _Doc], s: Settings, on_image) -> Iterator[tuple[int, Document | Exception]]:
         from transformers import DynamicCache
 
-        order = [i for i, d in docs.items() if not d.done]
+        order = [i for i, d in docs.items() if d.mode is not Mode.DONE]
         for i, d in list(docs.items()):
-            if d.done:
+            if d.mode is Mode.DONE:
                 yield i, self._finish(d, s)
         cache = DynamicCache(config=self.model.llm.lm.config)
         mask = torch.zeros(len(order), 0, dtype=torch.long, device=self.device)  # (B, S) 1 = real token
@@ -260,21 +302,22 @@ class Generator:
 
             # 2. sample the next token of every document in text mode
             for b, d in enumerate(rows):
-                if not d.wants_image:
+                if d.mode is not Mode.DRAW:
                     self._next_token(d, logits[b], s)
 
             # 3. draw the images asked for, all together
-            asking = [d for d in rows if d.wants_image and not d.done]
+            asking = [d for d in rows if d.mode is Mode.DRAW]
             if asking:
                 self._draw_images(asking, s, on_image)
 
             # 4. finished documents leave the batch
-            keep = [b for b, d in enumerate(rows) if not d.done and d.length + len(d.chunk_ids) < self.max_len]
+            keep = [b for b, d in enumerate(rows)
+                    if d.mode is not Mode.DONE and d.length + len(d.chunk_ids) < self.max_len]
             for b, d in enumerate(rows):
                 if b not in keep:
-                    if not d.done:
-                        d.warnings.append(f"stopped at the model's context length ({self.max_len} tokens)")
+                    if d.mode is not Mode.DONE:
                         self._flush_text(d)
+                        self._transition(d, "context full", s)
                     yield order[b], self._finish(d, s)
             if len(keep) < len(rows):
                 order = [order[b] for b in keep]
@@ -313,23 +356,13 @@ class Generator:
         t0 = time.perf_counter()
         token = self._sample(logits, s, d.gen)
         d.seconds["text"] += time.perf_counter() - t0
+        d.chunk_ids = []
         if token == self.sp.boi:
             self._flush_text(d)
-            if d.filling_text:  # the text place is filled; go on with the prompt
-                d.filling_text = False
-                self._advance_prompt(d, s)
-            elif d.new_images >= s.max_images:
-                d.done = True
-            else:
-                d.chunk_ids = [self.sp.boi]
-                d.wants_image = True
-        elif token == self.sp.eod or token == self.sp.image or token == self.sp.pad:
+            self._transition(d, "text ended" if d.mode is Mode.FILL_TEXT else "boi", s)
+        elif token in (self.sp.eod, self.sp.image, self.sp.pad):
             self._flush_text(d)
-            if d.filling_text:
-                d.filling_text = False
-                self._advance_prompt(d, s)
-            else:
-                d.done = True
+            self._transition(d, "text ended", s)
         else:
             d.text.append(token)
             d.new_tokens += 1
@@ -337,13 +370,7 @@ class Generator:
             if d.new_tokens >= s.max_new_tokens:
                 self._flush_text(d)
                 d.chunk_ids = []
-                if d.filling_text:
-                    d.filling_text = False
-                    self._advance_prompt(d, s)
-                else:
-                    d.done = True
-        if not d.chunk_ids and not d.wants_image:
-            d.done = True
+                self._transition(d, "text ended", s)
 
     def _sample(self, logits: torch.Tensor, s: Settings, gen: torch.Generator) -> int:
         logits = logits.clone()
@@ -392,7 +419,6 @@ class Generator:
         elapsed = time.perf_counter() - t0
         for n, d in enumerate(asking):
             d.seconds["image"] += elapsed / len(asking)
-            d.wants_image = False
             d.new_images += 1
             self._add(d, Segment("image", image=tensor_to_image(pixels[n].cpu()), source="generated"))
             d.maps.append([m[n] for m in maps])
@@ -400,8 +426,7 @@ class Generator:
             # the <boi> was already fed: the chunk is the image's Q embeddings, then the prompt goes on
             d.chunk_ids = [self.sp.image] * self.Q
             d.chunk_images = [(0, embeds[n], d.last_fed)]
-            if d.placeholders:
-                self._advance_prompt(d, s)
+            self._transition(d, "image drawn", s)
             if on_image is not None:
                 on_image()
 
