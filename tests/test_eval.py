@@ -77,6 +77,20 @@ def test_story_follows_the_sentences():
     assert sample.text == f"[image] / The {f['shape']} turns {new_colour}. / [image] / Nonsense here. / [image]"
 
 
+def test_a_change_counts_only_when_it_changes_the_current_object():
+    """Grammatical, but no change of this story: another shape's name, or the value it already has."""
+    (p,) = eval_prompts("story", 1, 0, 32)
+    truth = p.meta["shapes"]
+    f = truth["frames"][0]
+    other = "square" if f["shape"] != "square" else "circle"
+    same_size = "grows" if f["size"] == "large" else "shrinks"
+    texts = [f"The {other} turns {f['colour']}.", f"The {f['shape']} {same_size}.", f"The {f['shape']} becomes a {other}.",
+             f"The {other} moves to the {f['position']}."]  # only the third changes this object (then it is the other)
+    doc = answered(p, gen_image(f), *[Segment("text", text=t, source="generated") for t in texts])
+    s = score_story(doc, truth).scores
+    assert s["grammar"] == 1.0 and s["changes"] == 0.25
+
+
 def test_story_scores_an_introduction_and_keeps_the_first_background():
     """A new introduction mid-story sets the object its image is read against (the grammar allows
     it, but it is no change); the background is the first generated image's, which no sentence

@@ -108,8 +108,10 @@ def in_words(doc: Document, source: str) -> str:
 def score_story(doc: Document, truth: dict) -> Sample:
     """Each generated image against the state its preceding sentences describe (an introduction
     sets the object, a change one attribute); each generated sentence against the grammar
-    (``grammar``: any ShapeStories sentence; ``changes``: a change sentence, what a story goes on
-    with); each image after the first against the first one's background (no sentence names it)."""
+    (``grammar``: any ShapeStories sentence) and the story (``changes``: a valid change, what a
+    story goes on with — it names the current object's shape and gives the attribute a new value,
+    so "The triangle grows." after a square, or after a large triangle, is no change); each image
+    after the first against the first one's background (no sentence names it)."""
     state = dict(truth["frames"][0])
     image_ok, grammar_ok, change_ok, background_ok = [], [], [], []
     first_background = None
@@ -120,7 +122,8 @@ def score_story(doc: Document, truth: dict) -> Sample:
             for sentence in _SENTENCE_END.split(seg.text.strip()):
                 parsed = parse_sentence(sentence)
                 grammar_ok.append(parsed is not None)
-                change_ok.append(parsed is not None and parsed["kind"] == "change")
+                change_ok.append(parsed is not None and parsed["kind"] == "change" and parsed["subject"] == state["shape"]
+                                 and parsed[parsed["change"]] != state[parsed["change"]])
                 if parsed is not None:
                     state = apply_change(state, parsed)
         elif seg.type == "image" and seg.image is not None:
