@@ -6,11 +6,13 @@ frame 1's value of an attribute the new sentence changed. The decoder reads earl
 ways: the ``previous_image`` conditioner (the latest image as UNet input channels) and the UNet's
 MMFS blocks; and its text context holds the whole document so far, frame 1's sentence included.
 Switching each off at sampling time, on the same prompts and seeds, says which one carries the
-copy; ``continuation`` (a change sentence after frame 1) says what each path is for.
+copy; ``continuation`` (a change sentence after frame 1) says what each path is for, and
+``story`` (the model writes on from one sentence) whether the copy is what a free story meets.
 
     python benchmarks/copying.py [--checkpoint runs/shapes-tiny] [--n 64]
 
-Prints a table and a final JSON line {variant: {task: {joint, copied, background}}}.
+Prints a line per variant and a final JSON line {variant: {task: {joint, copied, background,
+image_match, changes}}}.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+KEYS = ("joint", "copied", "background", "image_match", "changes")
 
 
 @contextmanager
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=str(ROOT / "examples" / "checkpoints" / "shapes-tiny"))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", default="reintro,continuation,story")
+    ap.add_argument("--variants", default="none,previous_image,mmfs,earlier_text")
     args = ap.parse_args()
     folder = Path(args.checkpoint)
     if (folder / "model").is_dir():
@@ -69,11 +74,10 @@ def main() -> None:
         folder = sorted(folder.glob("step-*"))[-1] / "model"
     model = MMInterleaved.from_pretrained(folder)
     results = {}
-    for variant in ("none", "previous_image", "mmfs", "earlier_text"):
+    for variant in args.variants.split(","):
         with switched_off(model, variant):
-            out = evaluate(model, ["reintro", "continuation"], n=args.n, seed=args.seed)
-        results[variant] = {task: {k: r.metrics.get(k) for k in ("joint", "copied", "background") if k in r.metrics}
-                            for task, r in out.items()}
+            out = evaluate(model, args.tasks.split(","), n=args.n, seed=args.seed)
+        results[variant] = {task: {k: r.metrics.get(k) for k in KEYS if k in r.metrics} for task, r in out.items()}
         print(f"off: {variant:15s}", "  ".join(f"{task} {json.dumps(m)}" for task, m in results[variant].items()),
               flush=True)
     print(json.dumps({"checkpoint": str(folder), "n": args.n, **results}))

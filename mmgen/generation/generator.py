@@ -305,8 +305,10 @@ class Generator:
                 if d.mode is not Mode.DRAW:
                     self._next_token(d, logits[b], s)
 
-            # 3. draw the images asked for, all together
-            asking = [d for d in rows if d.mode is Mode.DRAW]
+            # 3. draw the images asked for, all together — once their <boi> is fed: a <boi> just
+            #    sampled is fed in the next round first, so that the image's context and the LLM's
+            #    sequence hold it, as in training
+            asking = [d for d in rows if d.mode is Mode.DRAW and not d.chunk_ids]
             if asking:
                 self._draw_images(asking, s, on_image)
 
