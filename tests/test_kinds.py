@@ -16,7 +16,7 @@ from mmgen.data.documents import Document, DocumentError, Segment, document_from
 from mmgen.data.kinds import KINDS, kind_id
 from mmgen.data.shapes import make_pairs, make_story
 from mmgen.data.tokenizer import build_tokenizer, special_ids
-from mmgen.generation.api import BUNDLED_CHECKPOINT, GenerationError, generate, load_model
+from mmgen.generation.api import GenerationError, generate, load_model
 from mmgen.generation.generator import Generator, settings_from
 from mmgen.models.mm_interleaved import MMInterleaved
 
@@ -83,9 +83,19 @@ def test_the_generator_gives_the_model_the_kind_and_records_it(tiny, monkeypatch
         assert not set(written) & {kind_id(tok, k) for k in KINDS}  # the model never writes a kind
 
 
-def test_a_model_without_kinds_runs_and_says_a_kind_is_ignored():
-    model, _ = load_model(BUNDLED_CHECKPOINT, "cpu")
-    assert kind_id(model.tokenizer, "story") is None  # saved before kinds existed
+def test_a_model_without_kinds_runs_and_says_a_kind_is_ignored(tmp_path, monkeypatch):
+    """A model saved before kinds existed: its tokenizer has no kind tokens (loading does not add them)."""
+    import mmgen.data.tokenizer as tokenizers
+    from mmgen.data.tokenizer import load_tokenizer, shapestories_sentences, train_tokenizer
+
+    cfg = load_config(None, TINY)
+    with monkeypatch.context() as m:  # the tokenizer as it was trained before kinds
+        m.setattr(tokenizers, "KIND_TOKENS", ())
+        train_tokenizer(shapestories_sentences(), cfg.model.llm.vocab_size).save_pretrained(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    folder = MMInterleaved(cfg, load_tokenizer(tmp_path / "tok")).save_pretrained(tmp_path / "old")
+    model, _ = load_model(folder, "cpu")
+    assert kind_id(model.tokenizer, "story") is None
     prompt = Document("p", [Segment("text", text="A small red circle is on the left.")], meta={"kind": "captions"})
     (doc,) = generate([prompt], model=model, steps=2, max_images=1)
     assert any("without document kinds" in w for w in doc.meta["warnings"])
