@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,6 @@ from mmgen.training.trainer import train
 
 from .test_train import TINY
 
-ROOT = Path(__file__).resolve().parent.parent
 COSMO = ["model.llm.text_only_layers=1"]  # 2 LLM layers: layer 0 text-only, MMFS in layer 1
 CONTRASTIVE_ONLY = ["train.loss_weights.text=0", "train.loss_weights.image=0", "train.loss_weights.contrastive=1"]
 
