@@ -43,11 +43,14 @@ def export_model(folder: str | Path, out: str | Path, *, overrides: list[str] | 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; give a new folder")
     verify_checksum(folder, WEIGHTS_NAME)
-    raw = model_config_dict(yaml.safe_load((folder / CONFIG_NAME).read_text(encoding="utf-8")) or {})
+    raw = yaml.safe_load((folder / CONFIG_NAME).read_text(encoding="utf-8")) or {}
     for item in overrides:
         _apply_override(raw, item)
     resolve_base_folders(raw, folder)
-    check_base_folders(config_from_dict(raw), folder)
+    cfg = config_from_dict(model_config_dict(raw) | {"train": raw.get("train") or {}})
+    check_base_folders(cfg, folder)
+    raw = model_config_dict(raw)  # what a model folder keeps, the frozen dtype resolved from the run's
+    raw["model"]["frozen_dtype"] = cfg.frozen_dtype_name()
     out.mkdir(parents=True, exist_ok=True)
     for name in COMPONENTS:
         src = raw.get("model", {}).get(name, {}).get("pretrained")
