@@ -49,8 +49,7 @@ def export_model(folder: str | Path, out: str | Path, *, overrides: list[str] | 
     resolve_base_folders(raw, folder)
     cfg = config_from_dict(model_config_dict(raw) | {"train": raw.get("train") or {}})
     check_base_folders(cfg, folder)
-    raw = model_config_dict(raw)  # what a model folder keeps, the frozen dtype resolved from the run's
-    raw["model"]["frozen_dtype"] = cfg.frozen_dtype_name()
+    raw = yaml.safe_load(cfg.model_yaml())  # what a model folder keeps, as save_pretrained writes it
     out.mkdir(parents=True, exist_ok=True)
     for name in COMPONENTS:
         src = raw.get("model", {}).get(name, {}).get("pretrained")
