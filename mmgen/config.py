@@ -76,9 +76,15 @@ class ResamplerConfig:
     num_layers: int = 1
     num_heads: int = 4
     hidden_size: int = 64
+    # 2D sin-cos positions added to the vision grid tokens before the queries read them (as
+    # Qwen-VL's resampler does); off in models saved before it. Without them the queries pool a
+    # bag of patches: colour and size, but no position or shape (docs/RESULTS.md)
+    grid_positions: bool = False
 
     def validate(self) -> None:
         _positive(self, "num_queries", "num_layers", "num_heads", "hidden_size")
+        if self.grid_positions and self.hidden_size % 4:
+            raise ConfigError("model.resampler.grid_positions needs model.resampler.hidden_size divisible by 4")
         if self.hidden_size % self.num_heads:
             raise ConfigError("model.resampler.hidden_size must be divisible by model.resampler.num_heads")
 

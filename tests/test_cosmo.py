@@ -75,9 +75,11 @@ def test_head_exists_only_with_text_only_layers_and_joins_the_sync_group():
 # --- pairing --------------------------------------------------------------------------------------
 
 
-def test_pairing_picks_each_images_sentence():
+@pytest.mark.parametrize("kinds", [False, True], ids=["no-kind", "kind-tokens"])
+def test_pairing_picks_each_images_sentence(kinds):
     """Text-image documents: the sentence before; image-first documents: the sentence after; images
-    in a row share the text before them; an image in a document without text is left out."""
+    in a row share the text before them; an image in a document without text is left out. A
+    document's kind token is not text: with it, a captions document still opens with an image."""
     sentences = ["A small red circle is on the left.", "The circle turns blue.",
                  "A large green square is at the top.", "The square grows.", "A small blue triangle is in the center."]
     docs = [
@@ -87,11 +89,16 @@ def test_pairing_picks_each_images_sentence():
         Document("c", [image(frame("triangle"))]),
         Document("d", [text(sentences[4]), image(frame("triangle", "blue")), image(frame("triangle", "blue"))]),
     ]
+    if kinds:
+        for doc, kind in zip(docs, ("story", "captions", "captions", "web")):
+            doc.meta["kind"] = kind
     cfg = load_config(None, [*TINY, "data.seq_len=256"])
     tok = build_tokenizer(cfg)
     collator = Collator(tok, cfg)
     batch = collator(docs)
     assert batch.input_ids.shape[0] == 1 and batch.num_images == 7  # all four documents in one row
+    kind_ids = set(collator.special.kinds) & set(batch.input_ids[0].tolist())
+    assert len(kind_ids) == (3 if kinds else 0)
     start, end, valid = image_text_spans(batch.input_ids, batch.segment_ids, batch.position_ids,
                                          batch.image_row, batch.image_boi, collator.special)
     expected = [sentences[0], sentences[1], sentences[2], sentences[3], None, sentences[4], sentences[4]]

@@ -93,6 +93,25 @@ def test_resampler_shape(cfg):
     assert torch.allclose(r(x, mask), r(y, mask), atol=1e-6)
 
 
+
+def test_grid_positions_let_the_queries_tell_where_a_patch_is(cfg):
+    """One distinct patch on a plain 8x8 grid, moved from one corner to the other: a bag of
+    patches reads the same; with grid positions the queries read a different image."""
+    torch.manual_seed(0)
+    plain = torch.randn(64).expand(1, 65, 64).clone()  # class token + 8x8 identical patches
+    left, right = plain.clone(), plain.clone()
+    odd = torch.randn(64)
+    left[0, 1], right[0, 64] = odd, odd  # first and last grid cell
+    for on in (False, True):
+        torch.manual_seed(0)
+        r = Resampler(dataclasses.replace(cfg.resampler, grid_positions=on), 64, LLM_DIM).eval()
+        with torch.no_grad():
+            gap = (r(left) - r(right)).abs().max().item()
+        assert (gap > 1e-3) if on else (gap < 1e-5), (on, gap)
+    assert load_config().model.resampler.grid_positions  # the shipped recipe uses them
+    with pytest.raises(ValueError, match="square grid"):
+        Resampler(dataclasses.replace(cfg.resampler, grid_positions=True), 64, LLM_DIM)(torch.randn(1, 11, 64))
+
 # --- decoder ----------------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ class SpecialIds:
     eod: int
     pad: int
     bos: int | None
+    kinds: tuple[int, ...] = ()  # the document-kind tokens the tokenizer has (mmgen.data.kinds)
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
@@ -58,8 +59,9 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
                                  "mmgen.data.tokenizer.load_tokenizer, which adds it")
     if tokenizer.pad_token_id is None:
         raise TokenizerError("the tokenizer has no pad token; load it with load_tokenizer, which sets one")
+    kinds = tuple(i for i in (_token_id(tokenizer, t) for t in KIND_TOKENS) if i is not None)
     return SpecialIds(boi=ids["boi"], image=ids["image"], eod=ids["eod"],
-                      pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id)
+                      pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id, kinds=kinds)
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:

@@ -13,7 +13,8 @@ An image's text (:func:`image_text_spans`) is a maximal run of text tokens in it
 the nearest run before its ``<boi>``, except in documents that open with an image (captions
 follow their images there), where it is the nearest run after the image. When the preferred
 side has no text, the other side is used; an image whose document has no text is left out.
-Text tokens are all real tokens except ``<bos>``, ``<boi>``, ``<image>``, ``<eod>`` and padding.
+Text tokens are all real tokens except ``<bos>``, the kind token, ``<boi>``, ``<image>``, ``<eod>``
+and padding.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from mmgen.models.mmfs import one_element_params
 
 
 def text_token_mask(input_ids: torch.Tensor, segment_ids: torch.Tensor, special: SpecialIds) -> torch.Tensor:
-    """(B, T) True on text tokens: real tokens other than ``<bos>``, ``<boi>``, ``<image>``, ``<eod>``."""
+    """(B, T) True on text tokens: real tokens other than ``<bos>``, a document's kind token,
+    ``<boi>``, ``<image>``, ``<eod>``. (A kind token counted as text made every document look as
+    if it opened with text, so captioning documents paired each image with the sentence before it.)"""
     mask = segment_ids >= 0
-    for i in (special.boi, special.image, special.eod, special.bos):
+    for i in (special.boi, special.image, special.eod, special.bos, *special.kinds):
         if i is not None:
             mask = mask & (input_ids != i)
     return mask

@@ -10,6 +10,8 @@ and the decoder's context perceiver (LLM hidden states → UNet context, §6).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,7 +77,10 @@ class Perceiver(nn.Module):
         self.proj_out = nn.Linear(width, out_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.proj_in(x)  # (N, T, W)
+        return self._read(self.proj_in(x), mask)
+
+    def _read(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The queries read the projected inputs x (N, T, W) → (N, Q, out_dim)."""
         q = self.queries.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (N, Q, W)
         for attn, ff in self.layers:
             q = q + attn(x, q, mask)
@@ -83,9 +88,34 @@ class Perceiver(nn.Module):
         return self.proj_out(self.norm_out(q))  # (N, Q, out_dim)
 
 
+def grid_positions(num_tokens: int, width: int) -> torch.Tensor:
+    """Fixed 2D sin-cos positions (T, W) for a class token then a G x G grid, row-major.
+
+    The class token's row is 0; of each grid row, half the channels encode y, half x, each as
+    sines and cosines of geometrically spaced frequencies (MAE's table).
+    """
+    side = math.isqrt(num_tokens - 1)
+    if num_tokens < 2 or side * side != num_tokens - 1:
+        raise ValueError(f"{num_tokens} tokens are not a class token and a square grid")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))  # (W/4,)
+    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                          indexing="ij")
+    parts = [f(c.flatten()[:, None] * omega) for c in (y, x) for f in (torch.sin, torch.cos)]  # 4 x (G², W/4)
+    return torch.cat([torch.zeros(1, width), torch.cat(parts, 1)])  # (1+G², W)
+
+
 class Resampler(Perceiver):
-    """Image resampler: vision tokens (N, T_v, in_dim) → placeholder embeddings (N, Q, out_dim)."""
+    """Image resampler: vision tokens (N, T_v, in_dim) → placeholder embeddings (N, Q, out_dim).
+
+    With ``grid_positions`` the tokens carry where on the image they are (:func:`grid_positions`)."""
 
     def __init__(self, cfg: ResamplerConfig, in_dim: int, out_dim: int):
         super().__init__(in_dim, out_dim, width=cfg.hidden_size, num_queries=cfg.num_queries,
                          num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+        self.grid_positions = cfg.grid_positions
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.grid_positions:
+            return super().forward(x, mask)
+        x = self.proj_in(x) + grid_positions(x.shape[1], self.proj_in.out_features).to(x)  # (N, T, W)
+        return self._read(x, mask)
