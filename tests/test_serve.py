@@ -115,8 +115,14 @@ def test_same_request_same_document_as_the_python_api(server):
     assert pngs == [server.http.get(s["url"]).content for s in b["segments"] if s["type"] == "image"]
     local = generate([body["prompt"]], seed=7, steps=4, max_images=2, device="cpu")[0]
     assert [s.text for s in local.segments] == [s.get("text") for s in a["segments"]]
-    for seg, png in zip([s for s in local.segments if s.type == "image"], pngs):
-        assert seg.image.tobytes() == Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+    # the server is another process with its own thread count: float sums may differ in the last
+    # bit and move a pixel's rounding by one level, nothing more (within one server: byte-identical)
+    import numpy as np
+    images = [s for s in local.segments if s.type == "image"]
+    assert len(images) == len(pngs)
+    for seg, png in zip(images, pngs):
+        served = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+        assert np.abs(np.asarray(seg.image, dtype=np.int16) - served).max() <= 1
 
 
 def test_a_picture_and_a_document_prompt(server):
