@@ -93,7 +93,6 @@ def test_resampler_shape(cfg):
     assert torch.allclose(r(x, mask), r(y, mask), atol=1e-6)
 
 
-
 def test_grid_positions_let_the_queries_tell_where_a_patch_is(cfg):
     """One distinct patch on a plain 8x8 grid, moved from one corner to the other: a bag of
     patches reads the same; with grid positions the queries read a different image."""
@@ -111,6 +110,7 @@ def test_grid_positions_let_the_queries_tell_where_a_patch_is(cfg):
     assert load_config().model.resampler.grid_positions  # the shipped recipe uses them
     with pytest.raises(ValueError, match="square grid"):
         Resampler(dataclasses.replace(cfg.resampler, grid_positions=True), 64, LLM_DIM)(torch.randn(1, 11, 64))
+
 
 # --- decoder ----------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ and the decoder's context perceiver (LLM hidden states → UNet context, §6).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -88,11 +89,13 @@ class Perceiver(nn.Module):
         return self.proj_out(self.norm_out(q))  # (N, Q, out_dim)
 
 
+@functools.lru_cache(maxsize=8)
 def grid_positions(num_tokens: int, width: int) -> torch.Tensor:
     """Fixed 2D sin-cos positions (T, W) for a class token then a G x G grid, row-major.
 
     The class token's row is 0; of each grid row, half the channels encode y, half x, each as
-    sines and cosines of geometrically spaced frequencies (MAE's table).
+    sines and cosines of geometrically spaced frequencies (MAE's table). Cached: one table per
+    grid size, built once rather than at every image batch.
     """
     side = math.isqrt(num_tokens - 1)
     if num_tokens < 2 or side * side != num_tokens - 1:
@@ -115,7 +118,7 @@ class Resampler(Perceiver):
         self.grid_positions = cfg.grid_positions
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.grid_positions:
-            return super().forward(x, mask)
-        x = self.proj_in(x) + grid_positions(x.shape[1], self.proj_in.out_features).to(x)  # (N, T, W)
+        x = self.proj_in(x)  # (N, T, W)
+        if self.grid_positions:
+            x = x + grid_positions(x.shape[1], x.shape[2]).to(x)
         return self._read(x, mask)
