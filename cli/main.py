@@ -171,6 +171,8 @@ def generate_command(
     checkpoint: Annotated[Path, typer.Option(
         "--checkpoint", help="A model folder or a RUN/step-NNNNNN checkpoint (default: the bundled model).")] = BUNDLED,
     max_images: Annotated[Optional[int], typer.Option("--max-images", min=0, help="Most new images per document.")] = None,
+    min_images: Annotated[Optional[int], typer.Option(
+        "--min-images", min=0, help="Fewest new images before a freely continued document may end.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Most new text tokens per document.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed (a prompt's meta.seed wins).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Diffusion sampling steps.")] = None,
@@ -197,7 +199,7 @@ def generate_command(
         report = generate_files(
             prompt_files or [], out, checkpoint=checkpoint, device=device, overwrite=overwrite, low_memory=low_memory,
             prompts=command_line_prompts(prompt or [], image or []),
-            settings=dict(max_images=max_images, max_new_tokens=max_new_tokens, seed=seed, steps=steps,
+            settings=dict(max_images=max_images, min_images=min_images, max_new_tokens=max_new_tokens, seed=seed, steps=steps,
                           sampler=sampler, guidance=guidance, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, kind=kind),
             progress=True)
@@ -293,6 +295,9 @@ def eval_command(
     temperature: Annotated[Optional[float], typer.Option(
         "--temperature", min=0.0, help="Text temperature (default: the model's generate.temperature, as "
                                        "`mmgen generate` uses it; 0: greedy).")] = None,
+    min_images: Annotated[Optional[int], typer.Option(
+        "--min-images", min=0, help="Fewest new images before a story may end (default: the model's "
+                                    "generate.min_images).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Prompts generated together.")] = 32,
     kind: Annotated[Optional[str], typer.Option("--kind", help=KIND_HELP)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, ... or auto.")] = "auto",
@@ -310,7 +315,7 @@ def eval_command(
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     overrides = dict(sampler=sampler, steps=steps, guidance=guidance, temperature=temperature,
-                     batch_size=batch_size, seed=seed, kind=kind)
+                     min_images=min_images, batch_size=batch_size, seed=seed, kind=kind)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         model, folder = load_model(checkpoint, device)

@@ -204,7 +204,8 @@ class ModelConfig:
     mmfs: MMFSConfig = field(default_factory=MMFSConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # dtype of the frozen components (the VAE, and the vision tower, LLM or UNet when not trainable):
-    # "auto" is the run's compute dtype (train.mixed_precision: bf16 → bfloat16, fp16 → float16, no → float32)
+    # "auto" is the run's compute dtype (train.mixed_precision: bf16 → bfloat16, fp16 → float16, no → float32);
+    # under train.low_memory a float32 run keeps them in bfloat16 and computes each layer in float32
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
@@ -297,8 +298,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     deterministic: bool = True  # bit-exact resume; costs a little speed on GPUs
-    # `--low-memory`: gradient checkpointing in the LLM, UNet and vision tower, and an 8-bit AdamW
-    # (bitsandbytes, CUDA) or Adafactor for the trainable weights (mmgen/training/low_memory.py)
+    # `--low-memory`: gradient checkpointing in the LLM, UNet and vision tower, an 8-bit AdamW
+    # (bitsandbytes, CUDA) or Adafactor for the trainable weights, and frozen parts in bfloat16 when
+    # model.frozen_dtype is auto (mmgen/training/low_memory.py)
     low_memory: bool = False
 
     def validate(self) -> None:
@@ -321,6 +323,7 @@ class GenerateConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     max_images: int = 4
+    min_images: int = 0  # a freely continued document may end (<eod>) only after this many new images (at most max_images)
     max_new_tokens: int = 128
     batch_size: int = 8
     seed: int = 0
@@ -333,6 +336,8 @@ class GenerateConfig:
         _positive(self, "steps", "max_new_tokens", "batch_size")
         if self.max_images < 0:
             raise ConfigError("generate.max_images must not be negative")
+        if self.min_images < 0:
+            raise ConfigError("generate.min_images must not be negative")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("generate.top_p must be in (0, 1]")
         if self.temperature < 0:
@@ -438,6 +443,15 @@ class Config:
         name = self.model.frozen_dtype
         if name == "auto":
             name = {"bf16": "bfloat16", "fp16": "float16"}.get(self.train.mixed_precision, "float32")
+        return name
+
+    def frozen_storage_dtype_name(self) -> str:
+        """The dtype frozen components are kept in: :meth:`frozen_dtype_name`, but bfloat16 under
+        ``train.low_memory`` when "auto" resolves to float32 (they are then cast up layer by layer
+        while they run: mmgen/training/low_memory.py)."""
+        name = self.frozen_dtype_name()
+        if self.model.frozen_dtype == "auto" and name == "float32" and self.train.low_memory:
+            return "bfloat16"
         return name
 
     def model_yaml(self) -> str:

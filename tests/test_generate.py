@@ -122,6 +122,24 @@ def test_free_continuation_respects_limits(model):
     assert doc.meta["generated"]["tokens"] <= 5 and doc.meta["generated"]["images"] <= 1
 
 
+def test_a_story_goes_on_until_min_images_are_drawn():
+    """``min_images``: ``<eod>`` is not sampled before that many new images (the bundled model,
+    whose training stories have 2-4 frames, ends some stories after two without it)."""
+    from mmgen.generation.api import BUNDLED_CHECKPOINT
+
+    net, _ = load_model(BUNDLED_CHECKPOINT, "cpu")
+    prompts = eval_prompts("story", 12, 3, net.cfg.data.image_size)
+    count = lambda d: sum(s.type == "image" and s.source == "generated" for s in d.segments)  # noqa: E731
+    fast = dict(steps=2, max_images=4, batch_size=12)
+    free = [count(d) for d in generate(prompts, model=net, **fast, min_images=0)]
+    held = generate(prompts, model=net, **fast, min_images=3)
+    assert min(free) < 3, free  # the switch is what holds the stories open
+    assert all(3 <= count(d) <= 4 for d in held), [count(d) for d in held]
+    assert all(d.meta["min_images"] == 3 for d in held)
+    (capped,) = generate(prompts[:1], model=net, **{**fast, "max_images": 2}, min_images=3)
+    assert count(capped) <= 2  # max_images still wins
+
+
 def test_batching_many_prompts_of_different_kinds(model):
     prompts = eval_prompts("t2i", 3, 0, 32) + eval_prompts("caption", 2, 0, 32) + eval_prompts("continuation", 2, 0, 32)
     docs = generate(prompts, model=model, **{**FAST, "batch_size": 3})

@@ -70,6 +70,40 @@ def test_frozen_parts_take_the_compute_dtype(tmp_path):
     assert MMInterleaved.frozen_dtype(type("M", (), {"cfg": auto})()) == torch.bfloat16
 
 
+def test_low_memory_stores_frozen_parts_in_bf16_and_computes_them_in_fp32(tmp_path, capsys):
+    """``--low-memory`` on a float32 run (a CPU): the frozen CLIP, LLM and VAE keep their big layers in
+    bf16 and cast each one up while it runs; the losses stay those of the float32 model."""
+    from mmgen.training.low_memory import compute_frozen_in_float32
+
+    save_real_folders(tmp_path)
+    cfg = real_config(tmp_path, "train.low_memory=true")
+    assert cfg.frozen_storage_dtype_name() == "bfloat16" and cfg.frozen_dtype_name() == "float32"  # what a model folder records
+    full = MMInterleaved(real_config(tmp_path), build_tokenizer(cfg)).eval()
+    low = MMInterleaved(cfg, build_tokenizer(cfg)).eval()
+    low.load_state_dict(full.state_dict())  # the same weights, rounded to bf16 in the frozen parts
+    assert compute_frozen_in_float32(low) == ["vision tower", "LLM", "VAE"]
+    lm = low.llm.lm.model
+    assert lm.layers[0].self_attn.q_proj.weight.dtype == lm.embed_tokens.weight.dtype == torch.bfloat16
+    assert lm.norm.weight.dtype == torch.float32 and low.decoder.unet.dtype == torch.float32
+    batch = first_batch(Collator(low.tokenizer, cfg), rows=2)
+    want, got = losses(full, batch), losses(low, batch)
+    assert all(abs(got[k] - want[k]) <= 0.02 * abs(want[k]) + 1e-3 for k in want), (got, want)
+    assert lm.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # stored in bf16 again after running
+    low.train()
+    torch.manual_seed(0)
+    low(batch)["loss"].backward()
+    assert all(p.grad is not None for p in low.llm.mmfs.parameters() if p.requires_grad)
+
+    result = train(tiny_run := real_config(tmp_path, "train.low_memory=true", f"train.out_dir={tmp_path / 'run'}",
+                                           "train.steps=2", "train.save_every=2", "train.ema_decay=null",
+                                           "train.log_every=1"), show_progress=False)
+    out = capsys.readouterr().out
+    assert "frozen parts in bfloat16 (computed in float32, layer by layer: vision tower, LLM, VAE)" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    assert result.last_checkpoint is not None and tiny_run.train.low_memory
+
+
 def test_gates_have_one_element_and_old_zero_dim_checkpoints_load():
     cfg = load_config(None, [*TINY, "model.llm.text_only_layers=1", "model.mmfs.every_k=1"])
     model = MMInterleaved(cfg, build_tokenizer(cfg))

@@ -99,7 +99,7 @@ def generate(prompts: Iterable[str | Document], *, checkpoint: str | Path = BUND
     """Generate one document per prompt (a string or a :class:`Document`); raises on a bad prompt.
 
     Settings are those of ``mmgen generate`` (sampler, steps, guidance, temperature, top_p,
-    max_images, max_new_tokens, batch_size, seed); unset ones come from the checkpoint's config.
+    max_images, min_images, max_new_tokens, batch_size, seed); unset ones come from the checkpoint's config.
     """
     from .generator import Generator
 

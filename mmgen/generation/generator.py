@@ -15,7 +15,8 @@ The loop, for a batch of prompts that share one KV cache (rows = documents):
 
 Placeholders (``{"type": "image"}``, ``{"type": "text"}``) are filled in order and generation
 stops after the last segment; a prompt without placeholders is continued freely until
-``<eod>``, ``max_images`` or ``max_new_tokens``.
+``<eod>``, ``max_images`` or ``max_new_tokens``; ``<eod>`` is not sampled before ``min_images``
+new images are drawn (as ``min_new_tokens`` holds off the end of a text).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Generator:
         self.max_len = self._max_len()
         self.checkpoint = checkpoint
         self.never = [self.sp.image, *kind_ids(self.tok)] + ([self.sp.bos] if self.sp.bos is not None else [])
+        self.ends_text = [t for t in (self.sp.eod, self.sp.pad) if t is not None]  # what ends a document
         # a model trained on ShapeStories alone knows only its sentences: say so when a prompt is foreign
         self.shapes_world = all(s.kind.startswith("shapes") for s in self.cfg.data.sources)
 
@@ -356,6 +358,9 @@ class Generator:
 
     def _next_token(self, d: _Doc, logits: torch.Tensor, s: Settings) -> None:
         t0 = time.perf_counter()
+        if d.mode is Mode.WRITE and not d.placeholders and d.new_images < min(s.min_images, s.max_images):
+            logits = logits.clone()
+            logits[self.ends_text] = float("-inf")  # too few images yet: the document goes on
         token = self._sample(logits, s, d.gen)
         d.seconds["text"] += time.perf_counter() - t0
         d.chunk_ids = []
@@ -450,7 +455,7 @@ class Generator:
         meta.update({
             "checkpoint": self.checkpoint, "seed": d.seed, "sampler": s.sampler, "steps": s.steps,
             "guidance": s.guidance, "temperature": s.temperature, "top_p": s.top_p,
-            "max_images": s.max_images, "max_new_tokens": s.max_new_tokens,
+            "max_images": s.max_images, "min_images": s.min_images, "max_new_tokens": s.max_new_tokens,
             "timings": {k: round(v, 3) for k, v in d.seconds.items()},
             "generated": {"tokens": d.new_tokens, "images": d.new_images},
         })

@@ -38,6 +38,7 @@ from mmgen.models.conditioners import CONDITIONERS, conditioner_class
 from mmgen.models.mmfs import MMFS
 from mmgen.models.resampler import Perceiver
 from mmgen.models.samplers import make_sampler
+from mmgen.models.precision import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ class ImageDecoder(nn.Module):
         if self.vae is None:
             return images
         with torch.no_grad():
-            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+            dist = self.vae.encode(images.to(compute_dtype(self.vae))).latent_dist
             z = dist.mode() if mean else dist.sample()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
@@ -375,7 +376,7 @@ class ImageDecoder(nn.Module):
         """Diffusion space (N, c, s, s) → images (N, 3, S, S) in [-1, 1]."""
         if self.vae is not None:
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            z = self.vae.decode((z / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample
+            z = self.vae.decode((z / self.vae.config.scaling_factor + shift).to(compute_dtype(self.vae))).sample
         return z.float().clamp(-1.0, 1.0)
 
     # --- training ------------------------------------------------------------------------------
@@ -438,7 +439,7 @@ class ImageDecoder(nn.Module):
         """Images (N, 3, S, S) in [-1, 1] from context (N, T, llm_dim) and its token ids (N, T)
         (None: unconditional); the other inputs as in :meth:`loss`."""
         device = next(self.unet.parameters()).device
-        dtype = self.unet.dtype
+        dtype = compute_dtype(self.unet)
         # 1. encode the condition; the null context is the unconditional branch
         N = context.shape[0] if context is not None else num_images
         if N is None:

@@ -312,7 +312,8 @@ class MMInterleaved(nn.Module):
             self.decoder.vae.requires_grad_(False)
 
     def frozen_dtype(self) -> torch.dtype:
-        """``model.frozen_dtype``; "auto" follows ``train.mixed_precision``."""
+        """The dtype frozen components are kept in: ``model.frozen_dtype``, "auto" following
+        ``train.mixed_precision`` (bfloat16 under ``train.low_memory``)."""
         return _frozen_dtype(self.cfg)
 
     def _cast_frozen(self) -> None:
@@ -437,7 +438,7 @@ class MMInterleaved(nn.Module):
         verify_checksum(folder, WEIGHTS_NAME)
         model = cls(cfg, load_tokenizer(folder / TOKENIZER_DIR))
         model.load_weights(folder)
-        dtype = torch.bfloat16 if low_memory else model.frozen_dtype()
+        dtype = torch.bfloat16 if low_memory else getattr(torch, model.cfg.frozen_dtype_name())
         return model.to(device=device, dtype=dtype if dtype != torch.float32 else None)
 
     def load_weights(self, folder: Path) -> None:

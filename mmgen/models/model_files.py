@@ -22,7 +22,8 @@ CHECKSUMS_NAME = "checksums.json"
 
 
 def _frozen_dtype(cfg: Config) -> torch.dtype:
-    return getattr(torch, cfg.frozen_dtype_name())
+    """The dtype frozen components are kept in (``Config.frozen_storage_dtype_name``)."""
+    return getattr(torch, cfg.frozen_storage_dtype_name())
 
 
 def resolve_base_folders(raw: dict, folder: Path) -> None:

@@ -21,6 +21,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmgen.config import VisionConfig
 
+from .precision import compute_dtype
+
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -127,7 +129,7 @@ class VisionEncoder(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                               align_corners=False).clamp(0.0, 1.0)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        x = x.to(self.tower.dtype)
+        x = x.to(compute_dtype(self.tower))
         out = self.tower(pixel_values=x, output_hidden_states=True)
         tokens = out.last_hidden_state  # (N, 1+G², C)
         N, G, C = tokens.shape[0], self.grid, tokens.shape[-1]

@@ -12,8 +12,8 @@ Request bodies (the JSON API and the page send the same thing)::
                | {"segments": [{"type": "image", "data": "data:image/png;base64,..."},
                                {"type": "text", "text": "The circle turns blue."}, {"type": "image"}]},
      "image": "data:image/png;base64,...",                # optional: a picture before the text
-     "max_images": 3, "seed": 1, "sampler": "dpm++", "steps": 20, "guidance": 2.5,
-     "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 128, "kind": "story"}
+     "max_images": 3, "seed": 1, "sampler": "dpm++", "steps": 20, "guidance": 4.0,
+     "temperature": 1.0, "top_p": 0.9, "min_images": 3, "max_new_tokens": 128, "kind": "story"}
 
 Pictures travel as data URLs: the server never opens a path a request names.
 """
@@ -41,7 +41,7 @@ MAX_WAITING = 8  # requests in line behind the running one; more are refused (42
 KEEP_FINISHED = 64  # finished jobs remembered for their event streams; their folders stay on disk
 # setting -> (type, lowest, highest)
 LIMITS: dict[str, tuple[type, float, float]] = {
-    "max_images": (int, 0, 8), "max_new_tokens": (int, 1, 512), "seed": (int, 0, 2**63 - 1),
+    "max_images": (int, 0, 8), "min_images": (int, 0, 8), "max_new_tokens": (int, 1, 512), "seed": (int, 0, 2**63 - 1),
     "steps": (int, 1, 250), "guidance": (float, 0.0, 30.0), "temperature": (float, 0.0, 5.0),
     "top_p": (float, 0.0, 1.0),
 }
@@ -196,7 +196,7 @@ class Studio:
         from ..data.kinds import KINDS
 
         return {"defaults": {k: getattr(g, k) for k in ("sampler", "steps", "guidance", "temperature", "top_p",
-                                                         "max_images", "max_new_tokens", "seed", "kind")},
+                                                         "max_images", "min_images", "max_new_tokens", "seed", "kind")},
                 "samplers": list(SAMPLERS), "kinds": list(KINDS),
                 "limits": {k: [lo, hi] for k, (_, lo, hi) in LIMITS.items()},
                 "checkpoint": str(self.checkpoint), "max_prompt_chars": MAX_PROMPT_CHARS}

@@ -5,13 +5,15 @@
 - an 8-bit AdamW (bitsandbytes, CUDA) for the trainable weights: 2 bytes of state per weight
   instead of 8. Without bitsandbytes or CUDA, torch's Adafactor (factored second moments, no
   first moment: a few bytes per matrix row and column) takes its place, said in one line;
-- frozen components in bfloat16 when ``model.frozen_dtype`` is "auto" (half their memory; on a
-  CPU without fast bf16 kernels they run slower).
+- frozen components in bfloat16 when ``model.frozen_dtype`` is "auto" (half their memory). A run
+  that computes in float32 (no ``train.mixed_precision``, as on a CPU, whose bf16 matmuls are
+  slow) keeps their weights stored in bf16 and casts each layer up while it runs.
 """
 
 from __future__ import annotations
 
 import torch
+from ..models.precision import COMPUTES_IN_FLOAT32
 
 
 def enable_checkpointing(model) -> list[str]:
@@ -42,3 +44,33 @@ def low_memory_optimizer(groups: list[dict], *, betas, eps: float) -> tuple[torc
     why = "bitsandbytes is not installed" if bnb is None else "there is no CUDA device"
     return (torch.optim.Adafactor(groups, lr=groups[0]["lr"]),
             f"Adafactor (torch; the 8-bit AdamW needs bitsandbytes on CUDA, and {why})")
+
+
+def compute_frozen_in_float32(model) -> list[str]:
+    """Frozen components kept in a 16-bit dtype while the run computes in float32 (no autocast, as
+    ``--low-memory`` on a CPU): their linear, convolution and embedding weights stay stored in 16 bits
+    and are cast up one layer at a time while it runs (diffusers' layerwise casting); the rest
+    (norms, patch and position embeddings) is small and goes to float32. Returns the components it applies to."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    storage = model.frozen_dtype()
+    done = []
+    if storage == torch.float32:
+        return done
+    for name, module in (("vision tower", model.vision.tower), ("LLM", model.llm.lm),
+                         ("UNet", model.decoder.unet), ("VAE", model.decoder.vae)):
+        if module is None or any(p.requires_grad for p in module.parameters()):
+            continue
+        # diffusers' default skips (patch and position embeddings, norms): layers that read their own
+        # weight's dtype to cast their input, as CLIP's patch embedding does, stay float32
+        apply_layerwise_casting(module, storage_dtype=storage, compute_dtype=torch.float32)
+        for sub in module.modules():
+            if not hasattr(sub, "_diffusers_hook"):  # not cast layer by layer: float32 (small)
+                for p in sub.parameters(recurse=False):
+                    p.data = p.data.float()
+                for key, b in sub.named_buffers(recurse=False):
+                    if b.is_floating_point():
+                        setattr(sub, key, b.float())
+        setattr(module, COMPUTES_IN_FLOAT32, True)
+        done.append(name)
+    return done

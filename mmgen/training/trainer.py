@@ -21,7 +21,7 @@ from .loader import BatchLoader
 from .loop import Loop, StepOutput, TrainingError, is_oom, out_of_memory, trim_metrics
 from .distributed import (EngineError, accelerator_kwargs, check_engine, configure_fsdp, full_model_state,
                           full_optimizer_state, is_sharded, load_full_optimizer_state)
-from .low_memory import enable_checkpointing
+from .low_memory import compute_frozen_in_float32, enable_checkpointing
 from .optim import EMA, build_optimizer, build_scheduler
 from .plot import plot_losses, read_metrics
 
@@ -92,13 +92,16 @@ def train(cfg: Config, *, resume: str | None = None, max_steps: int | None = Non
         new = _init_weights(model, init)
         if main:
             print(f"initialised from {init}" + (f"; new in this config: {', '.join(new)}" if new else ""))
+    # 16-bit frozen parts in a float32 run (no autocast): stored in 16 bits, computed in float32
+    cast_up = compute_frozen_in_float32(model) if tc.mixed_precision == "no" else []
     if tc.low_memory:
         what = enable_checkpointing(model)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     if tc.low_memory and main:
         print(f"low memory: gradient checkpointing in {', '.join(what)}; optimizer {type(optimizer).__name__}; "
-              f"frozen parts in {str(model.frozen_dtype()).removeprefix('torch.')}")
+              f"frozen parts in {str(model.frozen_dtype()).removeprefix('torch.')}"
+              + (f" (computed in float32, layer by layer: {', '.join(cast_up)})" if cast_up else ""))
 
     # 2. resume: weights (before sharding), then optimiser, schedule, EMA, step (after)
     start, samples_seen, saved = 0, 0, None
