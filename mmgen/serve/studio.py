@@ -12,7 +12,7 @@ Request bodies (the JSON API and the page send the same thing)::
                | {"segments": [{"type": "image", "data": "data:image/png;base64,..."},
                                {"type": "text", "text": "The circle turns blue."}, {"type": "image"}]},
      "image": "data:image/png;base64,...",                # optional: a picture before the text
-     "max_images": 3, "seed": 1, "sampler": "dpm++", "steps": 20, "guidance": 4.0,
+     "max_images": 3, "seed": 1, "sampler": "dpm++", "steps": 20, "guidance": 2.5,
      "temperature": 1.0, "top_p": 0.9, "min_images": 3, "max_new_tokens": 128, "kind": "story"}
 
 Pictures travel as data URLs: the server never opens a path a request names.
