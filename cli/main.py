@@ -56,6 +56,10 @@ def _configure_output(verbose: bool) -> None:
     for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
         os.environ.setdefault(key, value)  # read when the libraries are imported, inside the commands
+    # bitsandbytes (model.llm.quantize), once installed, is imported with diffusers and asks the Hub
+    # for a CPU kernel, which its publisher check refuses (never trust_remote_code; not HF_HUB_OFFLINE
+    # either, which skips that check); it logs the refusal and falls back to its own kernels
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # worker and launched processes too
 

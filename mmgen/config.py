@@ -106,9 +106,15 @@ class LLMConfig:
     contrastive_dim: int = 64  # CosMo: width of the image/text embeddings of the contrastive loss
     trainable: bool = True
     gradient_checkpointing: bool = False
+    # a frozen pretrained LLM read in 8 or 4 bits (bitsandbytes; NF4 for 4 bits): "none", "8bit", "4bit"
+    quantize: Literal["none", "8bit", "4bit"] = "none"
 
     def validate(self) -> None:
         _one_of(self, "arch", LLM_FAMILIES)
+        if self.quantize != "none" and (self.trainable or self.pretrained is None):
+            raise ConfigError(f"model.llm.quantize={self.quantize} needs a frozen pretrained LLM "
+                              "(model.llm.pretrained=FOLDER and model.llm.trainable=false): quantized "
+                              "weights are read from a folder and cannot be trained")
         _positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size",
                   "max_position_embeddings", "vocab_size", "contrastive_dim")
         if self.hidden_size % self.num_heads:

@@ -104,6 +104,44 @@ def test_low_memory_stores_frozen_parts_in_bf16_and_computes_them_in_fp32(tmp_pa
     assert result.last_checkpoint is not None and tiny_run.train.low_memory
 
 
+@pytest.mark.parametrize("bits, tol", [("8bit", 1e-3), ("4bit", 2e-2)])
+def test_a_frozen_llm_read_in_8_or_4_bits_trains_what_reads_it(tmp_path, bits, tol):
+    """``model.llm.quantize``: the frozen LLM's layers are bitsandbytes' 8-bit or NF4 layers, the
+    losses stay near the full-precision model's, the gradient still reaches what feeds the LLM,
+    and a checkpoint loads back with the LLM quantized again (its layers come from the base folder)."""
+    save_real_folders(tmp_path)
+    cfg = real_config(tmp_path)
+    full = MMInterleaved(cfg, build_tokenizer(cfg))
+    qcfg = real_config(tmp_path, f"model.llm.quantize={bits}")
+    q = MMInterleaved(qcfg, build_tokenizer(qcfg))
+    layer = q.llm.lm.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == {"8bit": "Linear8bitLt", "4bit": "Linear4bit"}[bits]
+    assert layer.weight.element_size() == 1  # int8, or two NF4 values per byte
+    q.load_state_dict({k: v for k, v in full.state_dict().items() if ".layers." not in k or not k.startswith("llm.lm.")},
+                      strict=False)  # the same new modules; the LLM's layers as read
+    batch = first_batch(Collator(q.tokenizer, qcfg), rows=2)
+    want, got = losses(full.eval(), batch), losses(q.eval(), batch)
+    assert all(abs(got[k] - want[k]) <= tol * abs(want[k]) for k in want), (got, want)
+    q.save_pretrained(tmp_path / "ckpt")
+    again = MMInterleaved.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(again.llm.lm.model.layers[0].self_attn.q_proj) is type(layer)
+    assert losses(again, batch) == got
+    grads = []
+    for model in (full, q):
+        model.train().zero_grad()
+        torch.manual_seed(0)
+        model(batch)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.resampler.parameters()]))
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.95
+
+
+def test_quantize_needs_a_frozen_pretrained_llm(tmp_path):
+    from mmgen.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.llm.quantize=4bit needs a frozen pretrained LLM"):
+        load_config(None, ["model.llm.quantize=4bit"])
+
+
 def test_gates_have_one_element_and_old_zero_dim_checkpoints_load():
     cfg = load_config(None, [*TINY, "model.llm.text_only_layers=1", "model.mmfs.every_k=1"])
     model = MMInterleaved(cfg, build_tokenizer(cfg))

@@ -67,7 +67,7 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, dtype: torch.dtype = torch.flo
         try:
             lm = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, use_safetensors=True, dtype=dtype,
-                attn_implementation=attn_implementation)
+                attn_implementation=attn_implementation, **quantized(cfg.quantize, dtype))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"model.llm.pretrained: cannot load a causal LM from `{path}`: {e}") from None
         n_embed = lm.get_input_embeddings().num_embeddings
@@ -79,6 +79,22 @@ def build_llm(cfg: LLMConfig, vocab_size: int, *, dtype: torch.dtype = torch.flo
     hf_cfg = tiny_llm_config(cfg, vocab_size)  # the families: mmgen/models/llm_families.py
     hf_cfg._attn_implementation = attn_implementation
     return AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+
+
+def quantized(how: str, dtype: torch.dtype) -> dict:
+    """``from_pretrained`` arguments that read the LLM in 8 or 4 bits (bitsandbytes), computing in
+    ``dtype``; none for "none". The embeddings and the output head stay unquantized."""
+    if how == "none":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"model.llm.quantize={how} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_8bit=True) if how == "8bit" else \
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": q, "device_map": {"": "cpu"}}  # quantized on the CPU; moved with the model
 
 
 def mmfs_layer_indices(num_layers: int, every_k: int, text_only_layers: int = 0) -> list[int]:

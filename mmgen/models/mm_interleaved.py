@@ -47,6 +47,7 @@ from mmgen.models.llm import MMFSLanguageModel, build_llm
 from mmgen.models.model_files import (  # noqa: F401 (check_base_folders, verify_checksum: used from here)
     CHECKSUMS_NAME, CONFIG_NAME, _frozen_dtype, _loaded_sizes, _resized, _shared_names, _store_once,
     check_base_folders, file_sha256, resolve_base_folders, save_tensors, verify_checksum, weights_mismatch)
+from mmgen.models.precision import is_quantized
 from mmgen.models.resampler import Resampler
 from mmgen.models.vision import VisionEncoder
 
@@ -322,7 +323,7 @@ class MMInterleaved(nn.Module):
         if dtype == torch.float32:
             return
         for module in (self.vision.tower, self.llm.lm, self.decoder.unet, self.decoder.vae):
-            if module is not None and not any(p.requires_grad for p in module.parameters()):
+            if module is not None and not is_quantized(module) and not any(p.requires_grad for p in module.parameters()):
                 module.to(dtype)
 
     def base_folders(self) -> dict[str, str]:
@@ -439,7 +440,11 @@ class MMInterleaved(nn.Module):
         model = cls(cfg, load_tokenizer(folder / TOKENIZER_DIR))
         model.load_weights(folder)
         dtype = torch.bfloat16 if low_memory else getattr(torch, model.cfg.frozen_dtype_name())
-        return model.to(device=device, dtype=dtype if dtype != torch.float32 else None)
+        if dtype != torch.float32:  # a quantized LLM keeps its 8 or 4 bits (and computes in its own dtype)
+            for module in [*model.children(), *model.llm.children()]:
+                if module is not model.llm and not is_quantized(module):
+                    module.to(dtype)
+        return model.to(device=device)
 
     def load_weights(self, folder: Path) -> None:
         """Read ``folder/model.safetensors`` into this model, a tensor at a time from the mapped file

@@ -15,3 +15,8 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     if getattr(module, COMPUTES_IN_FLOAT32, False):
         return torch.float32
     return next(module.parameters()).dtype
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """A Hugging Face model read in 8 or 4 bits (``model.llm.quantize``): it is never cast whole."""
+    return getattr(module, "hf_quantizer", None) is not None
