@@ -135,11 +135,18 @@ def test_a_frozen_llm_read_in_8_or_4_bits_trains_what_reads_it(tmp_path, bits, t
     assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.95
 
 
-def test_quantize_needs_a_frozen_pretrained_llm(tmp_path):
+def test_quantize_needs_a_frozen_pretrained_llm_and_bitsandbytes(tmp_path, monkeypatch):
+    import sys
+
     from mmgen.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.llm.quantize=4bit needs a frozen pretrained LLM"):
         load_config(None, ["model.llm.quantize=4bit"])
+    save_real_folders(tmp_path)
+    cfg = real_config(tmp_path, "model.llm.quantize=8bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install bitsandbytes$"):
+        MMInterleaved(cfg, build_tokenizer(cfg))
 
 
 def test_gates_have_one_element_and_old_zero_dim_checkpoints_load():
