@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 from mmgen.config import DecoderConfig, MMFSConfig
 from mmgen.models.conditioners import CONDITIONERS, conditioner_class
 from mmgen.models.mmfs import MMFS
+from mmgen.models.precision import compute_dtype
 from mmgen.models.resampler import Perceiver
 from mmgen.models.samplers import make_sampler
-from mmgen.models.precision import compute_dtype
 
 log = logging.getLogger(__name__)
 
