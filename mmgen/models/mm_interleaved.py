@@ -317,13 +317,20 @@ class MMInterleaved(nn.Module):
         ``train.mixed_precision`` (bfloat16 under ``train.low_memory``)."""
         return _frozen_dtype(self.cfg)
 
+    def frozen_components(self) -> dict[str, nn.Module]:
+        """The big components without a trainable parameter, by name (vision tower, LLM, UNet, VAE)."""
+        parts = {"vision tower": self.vision.tower, "LLM": self.llm.lm, "UNet": self.decoder.unet,
+                 "VAE": self.decoder.vae}
+        return {name: module for name, module in parts.items()
+                if module is not None and not any(p.requires_grad for p in module.parameters())}
+
     def _cast_frozen(self) -> None:
-        """Frozen components (no trainable parameter) in :meth:`frozen_dtype`; trainable ones stay fp32."""
+        """Frozen components in :meth:`frozen_dtype` (a quantized LLM keeps its bits); trainable ones stay fp32."""
         dtype = self.frozen_dtype()
         if dtype == torch.float32:
             return
-        for module in (self.vision.tower, self.llm.lm, self.decoder.unet, self.decoder.vae):
-            if module is not None and not is_quantized(module) and not any(p.requires_grad for p in module.parameters()):
+        for module in self.frozen_components().values():
+            if not is_quantized(module):
                 module.to(dtype)
 
     def base_folders(self) -> dict[str, str]:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import torch
+
 from ..models.precision import COMPUTES_IN_FLOAT32, is_quantized
 
 
@@ -57,9 +58,8 @@ def compute_frozen_in_float32(model) -> list[str]:
     done = []
     if storage == torch.float32:
         return done
-    for name, module in (("vision tower", model.vision.tower), ("LLM", model.llm.lm),
-                         ("UNet", model.decoder.unet), ("VAE", model.decoder.vae)):
-        if module is None or is_quantized(module) or any(p.requires_grad for p in module.parameters()):
+    for name, module in model.frozen_components().items():
+        if is_quantized(module):
             continue
         # diffusers' default skips (patch and position embeddings, norms): layers that read their own
         # weight's dtype to cast their input, as CLIP's patch embedding does, stay float32
