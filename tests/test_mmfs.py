@@ -204,7 +204,7 @@ def test_low_precision_samples_in_float32():
         want = m(query, m.prepare_values(feats), visible)
         m16 = m.to(torch.bfloat16)
         values = m16.prepare_values([f.bfloat16() for f in feats])
-        assert all(v.dtype == torch.float32 for v in values)
+        assert values.table.dtype == torch.float32
         got = m16(query.bfloat16(), values, visible)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.02)
