@@ -212,3 +212,17 @@ def test_low_precision_samples_in_float32():
         m.float()
         got = m(query, m.prepare_values(feats), visible)
     torch.testing.assert_close(got.float(), want, atol=0.03, rtol=0.02)
+
+
+def test_values_serve_a_batch_that_repeats_their_rows():
+    """Classifier-free guidance runs [null; cond] over the same images: values prepared once for B
+    rows serve 2B query rows exactly as values prepared for the repeated features."""
+    m, feats, query, visible = make()
+    with torch.no_grad():
+        twice = torch.cat([query, query.flip(1)])  # (2B, Q, C)
+        vis2 = visible.repeat(2, 1, 1)
+        want = m(twice, m.prepare_values([f.repeat(2, 1, 1, 1, 1) for f in feats]), vis2)
+        got = m(twice, m.prepare_values(feats), vis2)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="do not match"):
+        m(query[:1], m.prepare_values(feats), visible[:1])

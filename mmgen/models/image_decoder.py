@@ -316,7 +316,7 @@ class ImageDecoder(nn.Module):
             for block in self.mmfs_blocks.values():
                 values, visible = block.mmfs.prepare_values(prev_features), prev_visible.bool()
                 if guidance_pairs and not block.context_free:  # this level sees both halves
-                    values, visible = [v.repeat(2, 1, 1, 1) for v in values], visible.repeat(2, 1)
+                    visible = visible.repeat(2, 1)  # the values serve both halves (MMFS.forward)
                 block.state = (values, visible, guidance_pairs)
         try:
             yield

@@ -155,7 +155,9 @@ class MMFS(nn.Module):
 
         Args:
             query: (B, Q, C).
-            values: from :meth:`prepare_values`.
+            values: from :meth:`prepare_values`, for B rows or for B / k rows that the batch repeats
+                k times in order (row b reads values row b mod rows), as the [null; cond] halves of
+                classifier-free guidance do.
             visible: (B, Q, M) bool, query q of row b may read image slot m.
             ref_points: (B, Q, 2) in [0, 1], (x, y); None puts every query at the image centre.
         Returns:
@@ -165,7 +167,7 @@ class MMFS(nn.Module):
         M, H, L, P = visible.shape[-1], self.num_heads, self.num_levels, self.num_points
         if len(values.sizes) != L:
             raise ValueError(f"expected {L} value levels, got {len(values.sizes)}")
-        if values.rows != B or values.images != M:
+        if B % values.rows or values.images != M:
             raise ValueError(f"values do not match query rows ({B}) and visible's image slots ({M})")
         visible = visible.bool()
         has_image = visible.any(-1, keepdim=True)  # (B, Q, 1)
@@ -223,10 +225,11 @@ class MMFS(nn.Module):
         # row of (b, image, y, x, head) on level l: base_l + (((b*M + m)*H'_l + y)*W'_l + x)*H + h
         padded = [(hl + PAD, wl + PAD) for hl, wl in values.sizes]
         hw = [hl * wl for hl, wl in padded]
-        base = torch.tensor([0] + hw[:-1], device=query.device).cumsum(0) * (B * M * H)  # (L,)
+        base = torch.tensor([0] + hw[:-1], device=query.device).cumsum(0) * (values.rows * M * H)  # (L,)
         head = (base.view(L, 1) + torch.arange(H, device=query.device).view(H, 1, 1)).to(idx)  # (H, L, 1)
         height, width = (torch.tensor(t, device=query.device, dtype=idx).view(L, 1) for t in zip(*padded))  # (L, 1)
-        image = (torch.arange(B, device=query.device)[:, None] * M + pm).to(idx).view(B, K, 1, 1, 1)  # (B, K, 1, 1, 1)
+        rows_of = torch.arange(B, device=query.device) % values.rows  # (B,) the values row each row reads
+        image = (rows_of[:, None] * M + pm).to(idx).view(B, K, 1, 1, 1)  # (B, K, 1, 1, 1)
         row00 = ((image * height + c0[..., 1]) * width + c0[..., 0]) * H + head  # (B, K, H, L, P)
         corner = torch.stack([torch.zeros_like(width), width.new_full(width.shape, 1), width, width + 1], -1) * H  # (L, 1, 4): dy, dx
         rows = row00[..., None] + corner  # (B, K, H, L, P, 4)
