@@ -174,10 +174,6 @@ class DecoderConfig:
     num_train_timesteps: int = 1000  # tiny UNet: diffusion steps of that schedule
     snr_gamma: float | None = 5.0  # min-SNR loss weighting; null to disable
     cfg_dropout: float = 0.1  # probability of the learned null context in training
-    # std of a per-image, per-channel constant added to the diffusion noise (training and a
-    # sample's starting noise): a flat background is the image's mean colour, which the noise
-    # barely moves otherwise (its mean has std 1/side), so the decoder landed between colours
-    noise_offset: float = 0.0
     trainable: bool = True  # the "decoder" freeze group: UNet, context encoder, conditioners
 
     def validate(self) -> None:
@@ -187,8 +183,6 @@ class DecoderConfig:
             raise ConfigError("model.decoder.block_out_channels must not be empty")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ConfigError("model.decoder.cfg_dropout must be in [0, 1)")
-        if self.noise_offset < 0:
-            raise ConfigError("model.decoder.noise_offset must not be negative")
         if not 0.0 <= self.context_grad <= 1.0:
             raise ConfigError("model.decoder.context_grad must be in [0, 1]")
         for name in self.conditioners:

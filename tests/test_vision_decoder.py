@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from mmgen.config import ConfigError, DecoderConfig, VisionConfig, load_config
+from mmgen.config import DecoderConfig, VisionConfig, load_config
 from mmgen.models.image_decoder import ImageDecoder
 from mmgen.models.samplers import SAMPLERS
 from mmgen.models.resampler import Resampler
@@ -154,30 +154,6 @@ def test_loss_epsilon_and_no_snr(cfg):
         loss = dec.loss(x0, context, mask, feats, visible, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(loss).all()
     assert torch.isfinite(dec.loss(x0, None, None)).all()  # no context at all: the null context
-
-
-def test_noise_offset_moves_each_image_and_channel_by_one_constant(cfg):
-    """``noise_offset`` adds a per-image, per-channel constant to the noise the loss trains on and
-    a sample starts from; at 0 the noise is the plain stream of before."""
-    plain, offset = make_decoder(cfg, noise_offset=0.0), make_decoder(cfg, noise_offset=0.5)
-    shape = (16, 3, 32, 32)
-    a = plain._noise(shape, torch.Generator().manual_seed(0), "cpu", torch.float32)
-    b = offset._noise(shape, torch.Generator().manual_seed(0), "cpu", torch.float32)
-    assert torch.equal(a, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
-    shift = b - a  # (16, 3, 32, 32)
-    assert shift.std(dim=(2, 3)).max() < 1e-6  # one constant per image and channel
-    assert 0.3 < shift[:, :, 0, 0].std() < 0.7  # of std 0.5 (48 draws)
-    x0, context, mask, feats, visible = inputs()
-    losses = [d.loss(x0, context, mask, feats, visible, generator=torch.Generator().manual_seed(0))
-              for d in (plain, offset)]
-    assert not torch.allclose(*losses)
-    for d in (plain, offset):
-        d.eval()
-    images = [d.sample(context, mask, feats, visible, steps=2, generator=torch.Generator().manual_seed(0))
-              for d in (plain, offset)]
-    assert not torch.allclose(*images)
-    with pytest.raises(ConfigError, match="noise_offset"):
-        dataclasses.replace(cfg.decoder, noise_offset=-0.1).validate()
 
 
 def test_token_context_masks_padding_and_reads_each_token(cfg):

@@ -379,15 +379,6 @@ class ImageDecoder(nn.Module):
             z = self.vae.decode((z / self.vae.config.scaling_factor + shift).to(compute_dtype(self.vae))).sample
         return z.float().clamp(-1.0, 1.0)
 
-    def _noise(self, shape: tuple, generator, device, dtype) -> torch.Tensor:
-        """Diffusion noise (N, c, s, s): white, plus ``noise_offset`` times a per-image, per-channel
-        constant when the config asks for one (training and sampling draw the same kind)."""
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        if self.cfg.noise_offset:
-            noise = noise + self.cfg.noise_offset * randn_tensor((*shape[:2], 1, 1), generator=generator,
-                                                                 device=device, dtype=dtype)
-        return noise
-
     # --- training ------------------------------------------------------------------------------
 
     def loss(self, x0: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None,
@@ -403,7 +394,7 @@ class ImageDecoder(nn.Module):
         """
         z0 = self.encode(x0)  # (N, c, s, s)
         N, device = z0.shape[0], z0.device
-        noise = self._noise(z0.shape, generator, device, z0.dtype)
+        noise = randn_tensor(z0.shape, generator=generator, device=device, dtype=z0.dtype)
         T = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, T, (N,), generator=generator, device="cpu" if generator is None
                           else generator.device).to(device)
@@ -466,7 +457,8 @@ class ImageDecoder(nn.Module):
 
         # 3. prepare the initial noise
         side = self.cfg.image_size // self.vae_factor
-        latents = self._noise((N, self.latent_channels, side, side), generator, device, dtype) * sched.init_noise_sigma
+        latents = randn_tensor((N, self.latent_channels, side, side), generator=generator,
+                               device=device, dtype=dtype) * sched.init_noise_sigma
 
         # 4. denoise, with classifier-free guidance on a batch of [uncond; cond]
         with self.image_context(prev_features, prev_visible, prev_image=prev_image, guidance_pairs=do_cfg):
