@@ -222,8 +222,8 @@ def part_speed(checkpoint: str, device: str) -> dict:
         ids = torch.randint(0, len(model.tokenizer), (1, T), device=device)
         llm_feats = [torch.randn(1, M, C, s, s, device=device, dtype=dtype) for s in sizes]
         vis = torch.ones(1, T, M, dtype=torch.bool, device=device)
-        llm_with = timed(lambda: model.llm(input_ids=ids, image_features=llm_feats, visible=vis), device, 2)
-        llm_without = timed(lambda: model.llm(input_ids=ids), device, 2)
+        llm_with = timed(lambda: model.llm(input_ids=ids, image_features=llm_feats, visible=vis), device, 5)
+        llm_without = timed(lambda: model.llm(input_ids=ids), device, 5)
         # 3. our image step vs the bare diffusers loop (benchmarks/generate.py), 5 steps, guidance
         ours = timed(ours_image_step(model, 1, 5, 7.5, "ddim"), device, 1)
         bare = timed(lambda: bare_diffusers(model, 1, 5, 7.5, "ddim"), device, 1)

@@ -30,7 +30,6 @@ from mmgen.data.tokenizer import build_tokenizer  # noqa: E402
 from mmgen.models.mm_interleaved import MMInterleaved  # noqa: E402
 from mmgen.training.data import DocumentStream  # noqa: E402
 from mmgen.training.optim import build_optimizer  # noqa: E402
-from mmgen.training.trainer import _documents  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -69,7 +68,7 @@ def main() -> None:
     model = MMInterleaved(cfg, tok).to(dev).train()
     opt = build_optimizer(model, cfg.train)
     stream, collator = DocumentStream(cfg.data, 0), Collator(tok, cfg)
-    batches = [next(collator.batches(_documents(stream, s, 0, 0), cfg.train.batch_size)).to(dev)
+    batches = [next(collator.batches(stream.documents(s, 0, 0), cfg.train.batch_size)).to(dev)
                for s in range(args.steps + 2)]
 
     def step(batch) -> None:

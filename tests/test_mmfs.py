@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmgen.models.mmfs import MMFS, GatedMMFS, image_ranks
+from mmgen.models.mmfs import MMFS, GatedMMFS, Values, image_ranks
 
 B, Q, M, C, CV, D, H, P = 2, 3, 3, 8, 6, 8, 2, 2
 SIZES = [(4, 5), (2, 3)]  # (H_l, W_l), deliberately not square
@@ -78,23 +78,30 @@ def reference(m, query, feats, visible, ref_points=None):
 
 
 @pytest.mark.parametrize("with_ref", [False, True])
-@pytest.mark.parametrize("chunk", [64, 4])  # 4: rows of 4 and 7 pairs -> 2 chunks of 4, padded
-def test_matches_reference_loop(with_ref, chunk):
+@pytest.mark.parametrize("path", ["sampling", "gathering", "sampling-chunked"])
+def test_matches_reference_loop(with_ref, path):
+    """Both paths: sampling while autograd records (training), gathering without (generation)."""
     m, feats, query, visible = make()
-    m.CHUNK = chunk
+    if path == "sampling-chunked":
+        m.CHUNK = 4  # rows of 4 and 7 pairs -> 2 chunks of 4, padded
     ref_points = torch.rand(B, Q, 2, dtype=query.dtype) if with_ref else None
+    with torch.set_grad_enabled(path != "gathering"):
+        values = m.prepare_values(feats)
+        got = m(query, values, visible, ref_points).detach()
+    assert isinstance(values, Values) == (path == "gathering")
     with torch.no_grad():
-        got = m(query, m.prepare_values(feats), visible, ref_points)
         want = reference(m, query, feats, visible, ref_points)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
-def test_matches_reference_loop_float32():
+@pytest.mark.parametrize("grad", [False, True])
+def test_matches_reference_loop_float32(grad):
     m, feats, query, visible = make()
     with torch.no_grad():
         want = reference(m, query, feats, visible)
         m32 = m.float()
-        got = m32(query.float(), m32.prepare_values([f.float() for f in feats]), visible)
+    with torch.set_grad_enabled(grad):
+        got = m32(query.float(), m32.prepare_values([f.float() for f in feats]), visible).detach()
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
