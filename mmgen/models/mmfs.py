@@ -251,26 +251,13 @@ class MMFS(nn.Module):
         if gather:
             return self._gather(query, values, visible, ref_points, rank, attn, has_image)
 
-        # 3. only visible (image, query) pairs are sampled: per row, image-major (neighbouring
-        #    pairs read the same image), rows padded to the longest with zero-weight pairs
-        vis = visible.transpose(1, 2).flatten(1)  # (B, M*Q)
-        count = vis.sum(1)  # (B,)
-        n = int(count.max())
-        pair = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n) visible, in order
-        # pairs go in chunks of at most CHUNK: grid_sample walks a chunk's P points before the
-        # next chunk, so neighbouring reads stay in cache, and P stays an outer dimension
-        G = -(-n // self.CHUNK)  # chunks
-        Kc = -(-n // G)  # pairs per chunk
-        K = G * Kc
-        pair = F.pad(pair, (0, K - n))  # (B, K)
-        pm, pq = pair // Q, pair % Q  # (B, K)
-        qi = (torch.arange(B, device=query.device)[:, None] * Q + pq).flatten()  # (B*K,) each pair's query
-        ri = qi * M + pm.flatten()  # (B*K,) each pair's (query, image) entry
-        valid = (torch.arange(K, device=query.device) < count[:, None]).flatten()  # (B*K,)
-
-        off_table = F.linear(table, self.sampling_offsets.weight)  # (R, H*P*2)
-        off = self.sampling_offsets(query).flatten(0, 1).index_select(0, qi)  # (B*K, H*P*2)
-        off = off + F.embedding(rank.flatten()[ri], off_table)
+        # 3. only visible (image, query) pairs are sampled, in chunks of at most CHUNK:
+        #    grid_sample walks a chunk's P points before the next chunk, so neighbouring reads
+        #    stay in cache, and P stays an outer dimension
+        pm, pq, qi, ri, valid, off, G = self._pairs(query, visible, rank, self.CHUNK)
+        K = pm.shape[1]
+        Kc = K // G  # pairs per chunk
+        valid = valid.flatten()  # (B*K,)
         off = off.to(dt).view(B, G, Kc, H, P, 2).permute(0, 3, 1, 4, 2, 5)  # (B, H, G, P, Kc, 2)
         w = attn.flatten(0, 2).index_select(0, ri) * valid[:, None, None, None]  # (B*K, H, L, P)
         w = w.view(B, G, Kc, H, L, P).permute(4, 0, 3, 1, 5, 2).contiguous()  # (L, B, H, G, P, Kc)
@@ -313,26 +300,41 @@ class MMFS(nn.Module):
         return out * has_image.to(out.dtype)
 
 
+    def _pairs(self, query: Tensor, visible: Tensor, rank: Tensor, chunk: int | None):
+        """The visible (image, query) pairs of each row, image-major (neighbouring pairs read the
+        same image), rows padded with invalid pairs to the longest, rounded up to G equal chunks
+        of at most ``chunk`` (one chunk for None), and each pair's sampling offsets.
+
+        Returns pm, pq (B, K) each pair's image and query; qi, ri (B*K,) its query and (query,
+        image) entry, flattened; valid (B, K); offsets (B*K, H*P*2); G.
+        """
+        B, Q, _ = query.shape
+        M = visible.shape[-1]
+        vis = visible.transpose(1, 2).flatten(1)  # (B, M*Q)
+        count = vis.sum(1)  # (B,)
+        n = int(count.max())
+        pair = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, :n]  # (B, n) visible, in order
+        G = 1 if chunk is None else -(-n // chunk)  # chunks
+        K = G * -(-n // G)
+        pair = F.pad(pair, (0, K - n))  # (B, K)
+        pm, pq = pair // Q, pair % Q  # (B, K)
+        qi = (torch.arange(B, device=query.device)[:, None] * Q + pq).flatten()  # (B*K,) each pair's query
+        ri = qi * M + pm.flatten()  # (B*K,) each pair's (query, image) entry
+        valid = torch.arange(K, device=query.device) < count[:, None]  # (B, K)
+        off_table = F.linear(self.image_index_embed.weight, self.sampling_offsets.weight)  # (R, H*P*2)
+        off = self.sampling_offsets(query).flatten(0, 1).index_select(0, qi)  # (B*K, H*P*2)
+        off = off + F.embedding(rank.flatten()[ri], off_table)
+        return pm, pq, qi, ri, valid, off, G
+
     def _gather(self, query: Tensor, values: Values, visible: Tensor, ref_points: Tensor | None,
                 rank: Tensor, attn: Tensor, has_image: Tensor) -> Tensor:
         """Steps 3-6 of :meth:`forward` on the gathering path (no autograd: generation)."""
         B, Q, _ = query.shape
         M, H, L, P = visible.shape[-1], self.num_heads, self.num_levels, self.num_points
-        table, dt = self.image_index_embed.weight, values.table.dtype
-        # 3. only visible (image, query) pairs are sampled: per row, image-major (neighbouring
-        #    pairs read the same image), rows padded to the longest with zero-weight pairs
-        vis = visible.transpose(1, 2).flatten(1)  # (B, M*Q)
-        count = vis.sum(1)  # (B,)
-        K = int(count.max())
-        pair = torch.argsort((~vis).to(torch.int8), dim=1, stable=True)[:, :K]  # (B, K) visible, in order
-        pm, pq = pair // Q, pair % Q  # (B, K)
-        qi = (torch.arange(B, device=query.device)[:, None] * Q + pq).flatten()  # (B*K,) each pair's query
-        ri = qi * M + pm.flatten()  # (B*K,) each pair's (query, image) entry
-        valid = torch.arange(K, device=query.device) < count[:, None]  # (B, K)
-
-        off_table = F.linear(table, self.sampling_offsets.weight)  # (R, H*P*2)
-        off = self.sampling_offsets(query).flatten(0, 1).index_select(0, qi)  # (B*K, H*P*2)
-        off = off + F.embedding(rank.flatten()[ri], off_table)
+        dt = values.table.dtype
+        # 3. only visible (image, query) pairs are gathered
+        pm, pq, qi, ri, valid, off, _ = self._pairs(query, visible, rank, None)
+        K = pm.shape[1]
         off = off.to(dt).view(B, K, H, 1, P, 2)  # (B, K, H, 1, P, 2), shared by the levels
         w = attn.flatten(0, 2).index_select(0, ri).view(B, K, H, L, P)  # (B, K, H, L, P)
         w = w * valid[..., None, None, None]
