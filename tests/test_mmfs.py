@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmgen.models.mmfs import MMFS, GatedMMFS, Values, image_ranks
+from mmgen.models.mmfs import MMFS, GatedMMFS, Values, image_ranks, repeat_rows
 
 B, Q, M, C, CV, D, H, P = 2, 3, 3, 8, 6, 8, 2, 2
 SIZES = [(4, 5), (2, 3)]  # (H_l, W_l), deliberately not square
@@ -233,3 +233,8 @@ def test_values_serve_a_batch_that_repeats_their_rows():
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="do not match"):
         m(query[:1], m.prepare_values(feats), visible[:1])
+    # the sampling path (autograd on) needs its per-row atlases repeated: repeat_rows does either
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = m(twice, repeat_rows(m.prepare_values(feats), 2), vis2).detach()
+        torch.testing.assert_close(got, want)

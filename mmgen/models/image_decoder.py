@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mmgen.config import DecoderConfig, MMFSConfig
 from mmgen.models.conditioners import CONDITIONERS, conditioner_class
-from mmgen.models.mmfs import MMFS, Values
+from mmgen.models.mmfs import MMFS, repeat_rows
 from mmgen.models.precision import compute_dtype
 from mmgen.models.resampler import Perceiver
 from mmgen.models.samplers import make_sampler
@@ -316,9 +316,7 @@ class ImageDecoder(nn.Module):
             for block in self.mmfs_blocks.values():
                 values, visible = block.mmfs.prepare_values(prev_features), prev_visible.bool()
                 if guidance_pairs and not block.context_free:  # this level sees both halves
-                    if not isinstance(values, Values):  # atlases are per row; a table serves both halves
-                        values = [v.repeat(2, 1, 1, 1) for v in values]
-                    visible = visible.repeat(2, 1)
+                    values, visible = repeat_rows(values, 2), visible.repeat(2, 1)
                 block.state = (values, visible, guidance_pairs)
         try:
             yield

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MMFS", "GatedMMFS", "Values", "image_ranks"]
+__all__ = ["MMFS", "GatedMMFS", "Values", "image_ranks", "repeat_rows"]
 
 
 PAD = 3  # the gathering path's padding pixels per axis of each stored map: 1 before, 2 after
@@ -96,6 +96,13 @@ class Values(NamedTuple):
     sizes: tuple[tuple[int, int], ...]
     rows: int
     images: int
+
+
+def repeat_rows(values: list[Tensor] | Values, k: int) -> list[Tensor] | Values:
+    """Values for a batch that repeats its rows k times in order (classifier-free guidance's
+    [null; cond] halves): the sampling path's atlases are per row and are repeated; the gathering
+    path's table already serves such a batch (:meth:`MMFS.forward`)."""
+    return values if isinstance(values, Values) else [v.repeat(k, 1, 1, 1) for v in values]
 
 
 def image_ranks(visible: Tensor, max_images: int) -> Tensor:
@@ -223,8 +230,9 @@ class MMFS(nn.Module):
         B, Q, C = query.shape
         M, H, L, P = visible.shape[-1], self.num_heads, self.num_levels, self.num_points
         gather = isinstance(values, Values)
-        if (len(values.sizes) if gather else len(values)) != L:
-            raise ValueError(f"expected {L} value levels, got {len(values.sizes) if gather else len(values)}")
+        levels = len(values.sizes) if gather else len(values)
+        if levels != L:
+            raise ValueError(f"expected {L} value levels, got {levels}")
         if (B % values.rows or values.images != M) if gather else \
                 any(v.shape[0] != B * H or v.shape[-2] % max(M, 1) for v in values):
             raise ValueError(f"values do not match query rows ({B}) and visible's image slots ({M})")
@@ -298,7 +306,6 @@ class MMFS(nn.Module):
         out = out.new_zeros(B, self.hidden_size, Q).scatter_add(2, index, out)  # (B, D, Q)
         out = self.output_proj(out.transpose(1, 2).to(query.dtype))  # (B, Q, C)
         return out * has_image.to(out.dtype)
-
 
     def _pairs(self, query: Tensor, visible: Tensor, rank: Tensor, chunk: int | None):
         """The visible (image, query) pairs of each row, image-major (neighbouring pairs read the
