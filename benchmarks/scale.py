@@ -161,13 +161,13 @@ def part_train(cfg_overrides: list[str], low_memory: bool, limit_gb: float | Non
             "checkpoint": str(result.last_checkpoint)}
 
 
-def part_generate(checkpoint: str, device: str, out: Path) -> dict:
+def part_generate(checkpoint: str, device: str, out: Path, low_memory: bool = False) -> dict:
     from mmgen.data.documents import Document
     from mmgen.generation.api import generate
     from mmgen.models.mm_interleaved import MMInterleaved
 
     t0 = time.perf_counter()
-    model = MMInterleaved.from_pretrained(Path(checkpoint) / "model", device=device).eval()
+    model = MMInterleaved.from_pretrained(Path(checkpoint) / "model", device=device, low_memory=low_memory).eval()
     load_s = time.perf_counter() - t0
     doc = Document.from_dict(PROMPT) if hasattr(Document, "from_dict") else None
     if doc is None:
@@ -256,7 +256,7 @@ def main() -> None:
         print(json.dumps(part_train(args.arg[1:], args.arg[0] == "low", args.limit_gb)))
         return
     if args.part == "generate":
-        print(json.dumps(part_generate(args.arg[0], args.device, Path(args.arg[1]))))
+        print(json.dumps(part_generate(args.arg[0], args.device, Path(args.arg[1]), args.arg[2:] == ["low"])))
         return
     if args.part == "speed":
         print(json.dumps(part_speed(args.arg[0], args.device)))
@@ -283,6 +283,10 @@ def main() -> None:
         results["generate"] = child(["--part", "generate", "--device", args.device, f"--arg={ckpt}",
                                      f"--arg={cache / 'out'}"], logs / "generate.log")
         print(f"generate: {json.dumps(results['generate'])}", flush=True)
+        if args.device != "cpu":  # --low-memory: bf16, big components on the device only while they run
+            results["generate_low"] = child(["--part", "generate", "--device", args.device, f"--arg={ckpt}",
+                                             f"--arg={cache / 'out'}", "--arg=low"], logs / "generate-low.log")
+            print(f"generate (low memory): {json.dumps(results['generate_low'])}", flush=True)
         results["speed"] = child(["--part", "speed", "--device", args.device, f"--arg={ckpt}"], logs / "speed.log")
         print(f"speed: {json.dumps(results['speed'])}", flush=True)
     low, full = results["low_memory"], results.get("full", {})
@@ -293,6 +297,7 @@ def main() -> None:
         "step_seconds": full.get("step_seconds"), "step_seconds_low_memory": low.get("step_seconds"),
         "checkpoint_gb": low.get("checkpoint_gb"), "generate_peak_gb": gen.get("peak_gb"),
         "seconds_per_image": gen.get("seconds_per_image"),
+        "generate_peak_gb_low_memory": results.get("generate_low", {}).get("peak_gb"),
         "mmfs_unet_share": speed.get("mmfs_unet_share"), "mmfs_prepare_s": speed.get("mmfs_prepare_s"),
         "llm_mmfs_ratio": speed.get("llm_mmfs_ratio"),
         "image_step_vs_diffusers": speed.get("image_step_vs_diffusers"),

@@ -189,7 +189,8 @@ def generate_command(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow writing into a folder that holds results.")] = False,
     low_memory: Annotated[bool, typer.Option(
-        "--low-memory", help="The whole model in bfloat16 (half the memory; slower on CPUs without bf16).")] = False,
+        "--low-memory", help="The whole model in bfloat16 (half the memory; slower on CPUs without bf16); on a GPU "
+                             "its big parts also wait in CPU memory and move to the GPU only while they run.")] = False,
 ) -> None:
     """Generate illustrated documents from prompt files, --prompt and --image into OUT/<id>/ (+ OUT/index.html).
 
@@ -232,7 +233,7 @@ def serve_command(
     = Path("out/serve"),
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto.")] = "auto",
     low_memory: Annotated[bool, typer.Option(
-        "--low-memory", help="The whole model in bfloat16 (half the memory; slower on CPUs without bf16).")] = False,
+        "--low-memory", help="As for generate: bfloat16, and on a GPU the big parts move there only while they run.")] = False,
 ) -> None:
     """A local story studio: type a sentence or drop a picture, watch the story appear; JSON API at /api.
 

@@ -326,6 +326,27 @@ def test_low_memory_generation_runs_the_whole_model_in_bfloat16(tmp_path, checkp
     assert (tmp_path / "out" / "prompt-0000" / "document.json").is_file()
 
 
+def test_offloaded_components_write_the_same_document(checkpoint):
+    # --low-memory on an accelerator: the big components wait on the CPU and move while they run.
+    # Here the device is the CPU, so nothing moves; what this checks is that the hooks (the LLM's
+    # also on its input embedding, which the model calls on its own) leave generation unchanged.
+    from mmgen.models.offload import big_components, offload_components
+
+    plain, _ = load_model(checkpoint, "cpu")
+    hooked, _ = load_model(checkpoint, "cpu")
+    assert offload_components(hooked, "cpu") == ["vision tower", "LLM", "UNet"]  # the tiny model has no VAE
+    assert all(hasattr(m, "_hf_hook") for m in big_components(hooked).values())
+    assert hooked.device == torch.device("cpu")
+    settings = dict(steps=2, max_images=2, max_new_tokens=8, seed=3)
+    prompt = lambda: Document("d", [Segment("text", text="A small red circle is on the left."), Segment("image"),  # noqa: E731
+                                    Segment("text", text="The circle turns blue."), Segment("image")])
+    (a,) = generate([prompt()], model=plain, **settings)
+    (b,) = generate([prompt()], model=hooked, **settings)
+    assert [s.text for s in a.segments] == [s.text for s in b.segments]
+    pictures = [[np.asarray(s.image) for s in d.segments if s.type == "image"] for d in (a, b)]
+    assert len(pictures[0]) == 2 and all(np.array_equal(x, y) for x, y in zip(*pictures))
+
+
 @pytest.mark.parametrize("args, words", [
     ([], "nothing to generate"),
     (["--prompt", "  "], "empty prompt"),

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mmgen.config import DecoderConfig, MMFSConfig
 from mmgen.models.conditioners import CONDITIONERS, conditioner_class
 from mmgen.models.mmfs import MMFS, repeat_rows
+from mmgen.models.offload import execution_device
 from mmgen.models.precision import compute_dtype
 from mmgen.models.resampler import Perceiver
 from mmgen.models.samplers import make_sampler
@@ -438,7 +439,7 @@ class ImageDecoder(nn.Module):
                progress: bool = False) -> torch.Tensor:
         """Images (N, 3, S, S) in [-1, 1] from context (N, T, llm_dim) and its token ids (N, T)
         (None: unconditional); the other inputs as in :meth:`loss`."""
-        device = next(self.unet.parameters()).device
+        device = execution_device(self.unet)
         dtype = compute_dtype(self.unet)
         # 1. encode the condition; the null context is the unconditional branch
         N = context.shape[0] if context is not None else num_images

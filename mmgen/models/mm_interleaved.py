@@ -44,6 +44,7 @@ from mmgen.data.tokenizer import load_tokenizer, special_ids
 from mmgen.models.contrastive import ContrastiveHead, image_text_spans, pool_spans, text_token_mask
 from mmgen.models.image_decoder import ImageDecoder
 from mmgen.models.llm import MMFSLanguageModel, build_llm
+from mmgen.models.offload import execution_device, offload_components
 from mmgen.models.model_files import (  # noqa: F401 (check_base_folders, verify_checksum: used from here)
     CHECKSUMS_NAME, CONFIG_NAME, _frozen_dtype, _loaded_sizes, _resized, _shared_names, _store_once,
     check_base_folders, file_sha256, resolve_base_folders, save_tensors, verify_checksum, weights_mismatch)
@@ -104,7 +105,8 @@ class MMInterleaved(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the model runs (with ``--low-memory`` on an accelerator its big parts wait on the CPU)."""
+        return execution_device(self.decoder.unet)
 
     # --- the pieces of a step (also used by generation) -----------------------------------------
 
@@ -451,6 +453,9 @@ class MMInterleaved(nn.Module):
             for module in [*model.children(), *model.llm.children()]:
                 if module is not model.llm and not is_quantized(module):
                     module.to(dtype)
+        if low_memory and torch.device(device).type != "cpu":  # big components on the device only while they run
+            offload_components(model, device)
+            return model
         return model.to(device=device)
 
     def load_weights(self, folder: Path) -> None:
