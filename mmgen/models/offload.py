@@ -41,8 +41,7 @@ def offload_components(model, device: str | torch.device) -> list[str]:
     parts = big_components(model)
     for module in parts.values():
         module.to("cpu")
-    for module in model.children():  # the small ones (a big one inside a child was moved above)
-        _to_except(module, device, set(map(id, parts.values())))
+    _to_except(model, device, set(map(id, parts.values())))  # the small ones
     hooks = {name: cpu_offload_with_hook(module, execution_device=device)[1] for name, module in parts.items()}
 
     def swap_in(name: str):
