@@ -172,6 +172,7 @@ class DecoderConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # what the UNet predicts
     beta_schedule: str = "squaredcos_cap_v2"  # tiny UNet: the noise schedule (an SD folder brings its own)
     num_train_timesteps: int = 1000  # tiny UNet: diffusion steps of that schedule
+    norm_groups: int = 32  # tiny UNet: GroupNorm groups (the largest divisor of every block's width up to this)
     snr_gamma: float | None = 5.0  # min-SNR loss weighting; null to disable
     cfg_dropout: float = 0.1  # probability of the learned null context in training
     trainable: bool = True  # the "decoder" freeze group: UNet, context encoder, conditioners

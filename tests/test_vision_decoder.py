@@ -125,6 +125,16 @@ def test_decoder_sizes(cfg):
     assert not any(k.startswith("unet.") and "mmfs" in k for k in dec.state_dict())
 
 
+def test_unet_norms_keep_several_channels_per_group(cfg):
+    # one channel per group sets each channel's spatial mean to the norm's bias: the UNet could not
+    # choose an image's flat colour (the bundled model's backgrounds were ~11 RGB units off)
+    norms = lambda dec: [m for m in dec.unet.modules() if isinstance(m, torch.nn.GroupNorm)]  # noqa: E731
+    shipped = norms(make_decoder(cfg))
+    assert shipped and min(m.num_channels // m.num_groups for m in shipped) >= 4
+    # the default (folders saved without model.decoder.norm_groups) rebuilds the UNet they were trained as
+    assert {m.num_groups for m in norms(make_decoder(cfg, norm_groups=32))} == {32}
+
+
 @pytest.mark.parametrize("encoder,names", [
     ("perceiver", ("context_encoder.perceiver.queries", "context_encoder.null_context")),
     ("tokens", ("context_encoder.proj.1.weight", "context_encoder.distance.weight",

@@ -54,7 +54,7 @@ def _tiny_unet(cfg: DecoderConfig, extra_in: int) -> UNet2DConditionModel:
         sample_size=cfg.image_size, in_channels=3 + extra_in, out_channels=3,
         down_block_types=down, up_block_types=up, block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block, cross_attention_dim=cfg.cross_attention_dim,
-        attention_head_dim=cfg.attention_head_dim, norm_num_groups=math.gcd(32, *cfg.block_out_channels))
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=math.gcd(cfg.norm_groups, *cfg.block_out_channels))
 
 
 def _sd_folder(cfg: DecoderConfig) -> Path:
