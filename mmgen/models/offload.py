@@ -38,6 +38,8 @@ def offload_components(model, device: str | torch.device) -> list[str]:
     from accelerate import cpu_offload_with_hook
 
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # as parameters report it, so the hooks see it is there
+        device = torch.device("cuda", torch.cuda.current_device())
     parts = big_components(model)
     for module in parts.values():
         module.to("cpu")
