@@ -330,12 +330,12 @@ def test_offloaded_components_write_the_same_document(checkpoint):
     # --low-memory on an accelerator: the big components wait on the CPU and move while they run.
     # Here the device is the CPU, so nothing moves; what this checks is that the hooks (the LLM's
     # also on its input embedding, which the model calls on its own) leave generation unchanged.
-    from mmgen.models.offload import big_components, offload_components
+    from mmgen.models.offload import movable_components, offload_components
 
     plain, _ = load_model(checkpoint, "cpu")
     hooked, _ = load_model(checkpoint, "cpu")
     assert offload_components(hooked, "cpu") == ["vision tower", "LLM", "UNet"]  # the tiny model has no VAE
-    assert all(hasattr(m, "_hf_hook") for m in big_components(hooked).values())
+    assert all(hasattr(m, "_hf_hook") for m in movable_components(hooked).values())
     assert hooked.device == torch.device("cpu")
     settings = dict(steps=2, max_images=2, max_new_tokens=8, seed=3)
     prompt = lambda: Document("d", [Segment("text", text="A small red circle is on the left."), Segment("image"),  # noqa: E731

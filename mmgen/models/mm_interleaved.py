@@ -319,12 +319,16 @@ class MMInterleaved(nn.Module):
         ``train.mixed_precision`` (bfloat16 under ``train.low_memory``)."""
         return _frozen_dtype(self.cfg)
 
-    def frozen_components(self) -> dict[str, nn.Module]:
-        """The big components without a trainable parameter, by name (vision tower, LLM, UNet, VAE)."""
+    def big_components(self) -> dict[str, nn.Module]:
+        """The big components, by name: vision tower, LLM, UNet and (with one) VAE."""
         parts = {"vision tower": self.vision.tower, "LLM": self.llm.lm, "UNet": self.decoder.unet,
                  "VAE": self.decoder.vae}
-        return {name: module for name, module in parts.items()
-                if module is not None and not any(p.requires_grad for p in module.parameters())}
+        return {name: module for name, module in parts.items() if module is not None}
+
+    def frozen_components(self) -> dict[str, nn.Module]:
+        """The big components without a trainable parameter, by name."""
+        return {name: module for name, module in self.big_components().items()
+                if not any(p.requires_grad for p in module.parameters())}
 
     def _cast_frozen(self) -> None:
         """Frozen components in :meth:`frozen_dtype` (a quantized LLM keeps its bits); trainable ones stay fp32."""

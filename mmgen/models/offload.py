@@ -17,11 +17,9 @@ from torch import nn
 from .precision import is_quantized
 
 
-def big_components(model) -> dict[str, nn.Module]:
-    """The components worth moving, by name (a missing VAE or a quantized LLM is left out)."""
-    parts = {"vision tower": model.vision.tower, "LLM": model.llm.lm, "UNet": model.decoder.unet,
-             "VAE": model.decoder.vae}
-    return {name: m for name, m in parts.items() if m is not None and not is_quantized(m)}
+def movable_components(model) -> dict[str, nn.Module]:
+    """The model's big components that can move, by name (a quantized LLM cannot)."""
+    return {name: m for name, m in model.big_components().items() if not is_quantized(m)}
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -40,7 +38,7 @@ def offload_components(model, device: str | torch.device) -> list[str]:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # as parameters report it, so the hooks see it is there
         device = torch.device("cuda", torch.cuda.current_device())
-    parts = big_components(model)
+    parts = movable_components(model)
     for module in parts.values():
         module.to("cpu")
     _to_except(model, device, set(map(id, parts.values())))  # the small ones
