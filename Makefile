@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean readme-picture gpu-check
+.PHONY: setup demo test bench clean readme-picture gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -30,6 +30,15 @@ test: $(STAMP)
 # the real-scale path on a CUDA machine with the torch it already has (not the CPU pins): < 8 minutes
 gpu-check:
 	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+
+# wheels that gpu-check installs on a GPU machine that lacks them and has no network (x86-64, Python 3.12):
+# diffusers and its importlib_metadata, bitsandbytes (8-bit AdamW, 4/8-bit LLM); ~50 MB in .whl/
+GPU_WHEELS = "diffusers>=0.42,<0.43" importlib_metadata "bitsandbytes>=0.45"
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform any -d .whl $(GPU_WHEELS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mmfs.py

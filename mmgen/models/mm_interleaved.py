@@ -55,6 +55,7 @@ from mmgen.models.vision import VisionEncoder
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
+LOAD_CHUNK_BYTES = 1 << 28  # load_weights reads the file in chunks of about this size (256 MB)
 BASE_NAME = "base.json"  # the base folders whose frozen tensors the weights file leaves out
 TOKENIZER_DIR = "tokenizer"
 FREEZE_GROUPS = ("vision", "llm", "sync", "decoder")
@@ -336,8 +337,8 @@ class MMInterleaved(nn.Module):
         if dtype == torch.float32:
             return
         for module in self.frozen_components().values():
-            if not is_quantized(module):
-                module.to(dtype)
+            if not is_quantized(module):  # nn.Module's own cast: diffusers' override warns even when it keeps nothing
+                nn.Module.to(module, dtype)  # in fp32 (the SD VAE: "should be kept in float32: []")
 
     def base_folders(self) -> dict[str, str]:
         """State-dict prefix → base folder, for the frozen components read from a folder (training
@@ -471,16 +472,19 @@ class MMInterleaved(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
-                while keys:  # chunks of about 256 MB: memory of the model plus one chunk
+            while keys:  # chunks of about LOAD_CHUNK_BYTES: memory of the model plus one chunk
+                # the file is mapped again for each chunk: the pages read so far count as this process's
+                # memory while the mapping is open (the 7B config's generation peaked there, +3.9 GB)
+                with safe_open(str(path), framework="pt") as f:
                     chunk, size = {}, 0
-                    while keys and size < 1 << 28:
+                    while keys and size < LOAD_CHUNK_BYTES:
                         key = keys.pop(0)
                         chunk[key] = t = f.get_tensor(key)
                         size += t.numel() * t.element_size()
-                    result = self.load_state_dict(chunk, strict=False)
-                    del chunk
-                    unexpected += result.unexpected_keys
-                    missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+                result = self.load_state_dict(chunk, strict=False)
+                del chunk
+                unexpected += result.unexpected_keys
+                missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it is damaged "
                              "or was cut short — copy it again or use another checkpoint") from None
