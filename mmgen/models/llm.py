@@ -23,7 +23,6 @@ Shapes: B batch, T query tokens, S key tokens (past + T), D LM width, M image sl
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mmgen.config import ConfigError, LLMConfig, MMFSConfig
+from mmgen.models.hf_compat import enable_activation_checkpointing, kv_cache_argument
 from mmgen.models.llm_families import tiny_llm_config
 
 log = logging.getLogger(__name__)
@@ -263,8 +263,7 @@ class MMFSLanguageModel(nn.Module):
                                  max_images=mmfs_cfg.max_images)
             for i in ids})
         self.mmfs_layers = ids
-        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` is deprecated, gone in 5.40)
-        self._cache_arg = "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+        self._cache_arg = kv_cache_argument(lm)
         for i in ids:
             layers[i].register_forward_pre_hook(functools.partial(_capture_layer_input, i), with_kwargs=True)
             self_attention(layers[i]).register_forward_hook(
@@ -284,7 +283,7 @@ class MMFSLanguageModel(nn.Module):
         """
         if not getattr(self.lm, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(self.lm).__name__} does not support gradient checkpointing")
-        self.lm.activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(self.lm)
 
     def embed_tokens(self, ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, D) input embeddings (replace placeholders, then call forward)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.hf_compat import enable_activation_checkpointing
 from ..models.precision import COMPUTES_IN_FLOAT32, is_quantized
 
 
@@ -28,7 +29,7 @@ def enable_checkpointing(model) -> list[str]:
         done.append("UNet")
     tower = model.vision.tower
     if any(p.requires_grad for p in tower.parameters()):
-        tower.activation_checkpointing_enable({"use_reentrant": False})
+        enable_activation_checkpointing(tower)
         done.append("vision tower")
     return done
 
