@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean readme-picture gpu-check gpu-wheels
+.PHONY: setup demo test test-oldest bench clean readme-picture gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -26,6 +26,16 @@ readme-picture: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# the oldest libraries we support, as GPU images ship them: the tests of the code that calls them
+# (model building and loading, the LLM, low memory, training, FSDP/DDP, generation)
+OLDEST = transformers==5.17.0 accelerate==1.15.0 huggingface_hub==1.33.0
+test-oldest:
+	$(PYTHON) -m venv $(VENV)-oldest
+	$(VENV)-oldest/bin/pip install --quiet torch==2.13.0
+	$(VENV)-oldest/bin/pip install --quiet -e '.[test]' $(OLDEST)
+	$(VENV)-oldest/bin/pytest -q tests/test_scale.py tests/test_llm.py tests/test_model.py tests/test_distributed.py \
+	  tests/test_train.py tests/test_generate.py --deselect tests/test_generate.py::test_a_real_browser_shows_the_gallery
 
 # the real-scale path on a CUDA machine with the torch it already has (not the CPU pins): < 8 minutes
 gpu-check:
