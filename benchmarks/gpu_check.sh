@@ -10,9 +10,12 @@
 # 4. 2 steps with the frozen LLM in 4-bit (bitsandbytes NF4) and --low-memory, when bitsandbytes imports.
 # Runs and checkpoints (many GB) go under $WORK (default /tmp/mmgen-gpu-check); the log, the benchmark's
 # output and each run's metrics.jsonl go to $OUT (default: $WORK), a few small files.
+# SMOKE=1: the same steps with tiny folders on the CPU, to try this script where there is no GPU
+# (FSDP and DeepSpeed then stop with their one line; tests/test_scale.py runs it so).
 set -uo pipefail
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-/tmp/mmgen-gpu-check}
+SMOKE=${SMOKE:-}
 OUT=${OUT:-$WORK}
 CACHE=${MMGEN_SCALE_CACHE:-$WORK/scale-cache}
 mkdir -p "$WORK" "$OUT"
@@ -28,38 +31,49 @@ fi
 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', \
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'diffusers', diffusers.__version__)" \
   || { echo "gpu-check: torch, transformers, accelerate and diffusers must import (make gpu-wheels carries diffusers)"; exit 1; }
-NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+NGPU=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 BNB=$("$PYTHON" -c "import bitsandbytes" 2>/dev/null && echo yes || echo no)
+if [ -n "$SMOKE" ]; then SCALE=(--smoke); else SCALE=(--device cuda --llm-layers 32); fi
 
-echo "== 1. scale benchmark (cuda, bf16, 32 layers; bitsandbytes: $BNB)"
-timeout "${SCALE_TIMEOUT:-330}" "$PYTHON" benchmarks/scale.py --device cuda --llm-layers 32 | tee "$OUT/scale.txt"
+SUMMARY=()
+note() { if [ "$2" = 0 ]; then SUMMARY+=("$1 ok"); elif [ "$2" = 124 ]; then SUMMARY+=("$1 timed out"); else SUMMARY+=("$1 failed"); fi; }
 
-FOLDERS="model.vision.pretrained=$CACHE/clip-vit-large-patch14 model.llm.pretrained=$CACHE/llama-7b-width-32-layers \
-model.decoder.pretrained=$CACHE/stable-diffusion-v1-5 data.sources=[{kind:shapes}] data.seq_len=256 data.image_size=512 \
-data.max_images_per_seq=2 data.num_workers=0 train.batch_size=1 train.grad_accum=1 train.image_loss_limit=2 \
-train.steps=2 train.save_every=2 train.log_every=1 train.warmup_steps=1"
+echo "== 1. scale benchmark (${SCALE[*]}; bitsandbytes: $BNB)"
+timeout "${SCALE_TIMEOUT:-330}" "$PYTHON" benchmarks/scale.py "${SCALE[@]}" | tee "$OUT/scale.txt"
+code=${PIPESTATUS[0]}
+if [ "$code" = 0 ] && ! tail -1 "$OUT/scale.txt" | grep -q '"errors": null'; then code=1; fi  # a part failed
+note scale "$code"
+
+# the benchmark's training run (its folders, 512 px, 2 steps, bf16 on a GPU), one override a line
+mapfile -t RUN < <("$PYTHON" benchmarks/scale.py "${SCALE[@]}" --print-overrides)
 run_engine() {  # name, accelerate config: 2 steps on every GPU, the metrics rows copied to $OUT
   rm -rf "$WORK/$1"
   timeout "${ENGINE_TIMEOUT:-120}" "$PYTHON" -m accelerate.commands.launch --config_file "$2" --num_processes "$NGPU" \
-    -m cli.main train -c configs/mm_interleaved_7b.yaml $FOLDERS train.out_dir="$WORK/$1" \
+    -m cli.main train -c configs/mm_interleaved_7b.yaml "${RUN[@]}" train.out_dir="$WORK/$1" \
     && cp "$WORK/$1/metrics.jsonl" "$OUT/metrics-$1.jsonl" && tail -2 "$OUT/metrics-$1.jsonl"
 }
 echo "== 2. FSDP, 2 steps, $NGPU process(es)"
-run_engine fsdp configs/accelerate/fsdp.yaml
+run_engine fsdp configs/accelerate/fsdp.yaml; note fsdp $?
 
 if "$PYTHON" -c "import deepspeed" 2>/dev/null; then
   echo "== 3. DeepSpeed ZeRO-2, 2 steps"
-  run_engine zero2 configs/accelerate/deepspeed_zero2.yaml
+  run_engine zero2 configs/accelerate/deepspeed_zero2.yaml; note zero2 $?
 else
   echo "== 3. DeepSpeed: not installed here (skipped; never installed from the network)"
+  SUMMARY+=("zero2 skipped")
 fi
 
 if [ "$BNB" = yes ]; then
   echo "== 4. the frozen LLM in 4-bit (NF4) with --low-memory, 2 steps, one GPU"
   rm -rf "$WORK/nf4"
-  timeout "${ENGINE_TIMEOUT:-120}" "$PYTHON" -m cli.main train -c configs/mm_interleaved_7b.yaml $FOLDERS \
+  timeout "${ENGINE_TIMEOUT:-120}" "$PYTHON" -m cli.main train -c configs/mm_interleaved_7b.yaml "${RUN[@]}" \
     model.llm.quantize=4bit train.out_dir="$WORK/nf4" --low-memory \
     && cp "$WORK/nf4/metrics.jsonl" "$OUT/metrics-nf4.jsonl" && tail -2 "$OUT/metrics-nf4.jsonl"
+  note nf4 $?
 else
   echo "== 4. bitsandbytes: not installed here (make gpu-wheels carries it; skipped)"
+  SUMMARY+=("nf4 skipped")
 fi
+LINE=$(IFS=,; echo "${SUMMARY[*]}")
+echo "gpu-check: ${LINE//,/, }"
+case "$LINE" in *failed*|*"timed out"*) exit 1 ;; esac

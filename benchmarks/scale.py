@@ -43,6 +43,14 @@ PROMPT = {"id": "scale", "segments": [{"type": "text", "text": "A small red circ
                                       {"type": "text", "text": "The circle moves to the right."}, {"type": "image"}]}
 
 
+def folder_paths(root: Path, llm_layers: int, smoke: bool = False) -> dict[str, Path]:
+    """Where :func:`build_folders` puts the CLIP, LLM and Stable Diffusion folders."""
+    if smoke:
+        return {"clip": root / "clip", "llm": root / "llama", "sd": root / "sd"}
+    return {"clip": root / "clip-vit-large-patch14", "llm": root / f"llama-7b-width-{llm_layers}-layers",
+            "sd": root / "stable-diffusion-v1-5"}
+
+
 def build_folders(root: Path, llm_layers: int, smoke: bool = False, device: str = "cpu") -> dict[str, Path]:
     """Random-weight folders at the public sizes (kept between runs); ``smoke``: tiny ones, to try the script."""
     import torch
@@ -51,8 +59,7 @@ def build_folders(root: Path, llm_layers: int, smoke: bool = False, device: str 
         return _smoke_folders(root)
 
     torch.manual_seed(0)
-    out = {"clip": root / "clip-vit-large-patch14", "llm": root / f"llama-7b-width-{llm_layers}-layers",
-           "sd": root / "stable-diffusion-v1-5"}
+    out = folder_paths(root, llm_layers)
     if not (out["clip"] / "config.json").is_file():
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -92,7 +99,7 @@ def _smoke_folders(root: Path) -> dict[str, Path]:
 
     if not (root / "llama" / "config.json").is_file():
         save_real_folders(root)
-    return {"clip": root / "clip", "llm": root / "llama", "sd": root / "sd"}
+    return folder_paths(root, 0, smoke=True)
 
 
 def overrides(folders: dict[str, Path], run: Path, device: str, smoke: bool = False) -> list[str]:
@@ -249,6 +256,8 @@ def main() -> None:
                     help="Address-space cap of each training process (CPU): past it the step stops with "
                          "mmgen's out-of-memory line (default: none).")
     ap.add_argument("--smoke", action="store_true", help="Tiny folders and 64 px: try the script in a minute.")
+    ap.add_argument("--print-overrides", action="store_true",
+                    help="Print the training run's config overrides, one a line (benchmarks/gpu_check.sh reuses them).")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--arg", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -263,6 +272,10 @@ def main() -> None:
         return
 
     cache = args.cache.expanduser() / ("smoke" if args.smoke else "")
+    if args.print_overrides:  # the folders this script builds, with the run's settings
+        run = overrides(folder_paths(cache, args.llm_layers, args.smoke), cache / "runs" / "x", args.device, args.smoke)
+        print("\n".join(o for o in run if not o.startswith("train.out_dir=")))
+        return
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     folders = build_folders(cache, args.llm_layers, args.smoke, args.device)

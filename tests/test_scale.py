@@ -175,6 +175,22 @@ def test_a_frozen_llm_read_in_8_or_4_bits_trains_what_reads_it(tmp_path, bits, t
     assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.95
 
 
+def test_a_4bit_llm_trains_with_low_memory_in_a_float32_run(tmp_path, capsys):
+    """4-bit LLM and ``--low-memory`` together on a CPU (no autocast): the quantized LLM computes in the
+    run's float32, as the MMFS layers reading its hidden states do; it once ran in bf16 and stopped at
+    the first MMFS layer (mat1 and mat2 must have the same dtype)."""
+    save_real_folders(tmp_path)
+    cfg = real_config(tmp_path, "model.llm.quantize=4bit", "train.low_memory=true", f"train.out_dir={tmp_path / 'run'}",
+                      "train.steps=2", "train.save_every=2", "train.ema_decay=null", "train.log_every=1")
+    result = train(cfg, show_progress=False)
+    out = capsys.readouterr().out
+    assert "(computed in float32, layer by layer: vision tower, VAE)" in out  # the LLM keeps its 4 bits
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 100 for r in rows)
+    model = MMInterleaved.from_pretrained(result.last_checkpoint / "model")
+    assert type(model.llm.lm.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
 def test_quantize_needs_a_frozen_pretrained_llm_and_bitsandbytes(tmp_path, monkeypatch):
     import sys
 
@@ -254,3 +270,27 @@ def test_export_writes_a_folder_that_stands_alone(tmp_path):
     assert losses(model, batch) == losses(loaded, batch)
     with pytest.raises(FileExistsError):
         export_model(tmp_path / "ckpt", moved)
+
+
+def test_gpu_check_runs_its_steps_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_check.sh only ever runs blind on a GPU machine: SMOKE=1 runs the same steps on
+    this CPU with tiny folders — the benchmark's JSON line, FSDP refused in one line (a CPU), the 4-bit
+    LLM's 2 steps (bitsandbytes is a test dependency) — and the summary line says what ran."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "WORK": str(tmp_path / "work"),
+           "OUT": str(tmp_path / "out"), "MMGEN_SCALE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    log = (tmp_path / "out" / "gpu-check.log").read_text()
+    last = log.strip().splitlines()[-1]
+    assert last == "gpu-check: scale ok, fsdp failed, zero2 skipped, nf4 ok", log[-3000:]
+    assert done.returncode == 1  # FSDP cannot run on a CPU: the script says it failed
+    result = json.loads((tmp_path / "out" / "scale.txt").read_text().strip().splitlines()[-1])
+    assert result["errors"] is None and result["train_peak_gb_low_memory"] > 0 and result["generate_peak_gb"] > 0
+    assert "error: the launch config asks for FSDP, which accelerate runs only on GPUs" in log
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics-nf4.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 100 for r in rows)
+    assert not (tmp_path / "out" / "nf4").exists()  # runs stay under WORK; OUT holds a few small files
