@@ -218,6 +218,45 @@ def test_cli_exit_code_is_non_zero_when_a_prompt_fails(tmp_path, checkpoint):
     assert result.exit_code == 1 and "unknown sampler" in result.output
 
 
+def test_out_of_memory_fails_its_batch_in_one_line_and_the_next_batch_is_written(tmp_path, checkpoint, monkeypatch):
+    """The first batch's drawing asks the allocator for more than any machine has (a real allocation
+    failure, not a made-up error): its two documents fail with one line each — the part, the size
+    asked for, the switches — the second batch is written, and the exit code says something failed.
+    Out of memory while loading is one line too."""
+    from mmgen.models.image_decoder import ImageDecoder
+    from mmgen.models.mm_interleaved import MMInterleaved
+
+    real, calls = ImageDecoder.sample, []
+
+    def sample(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            torch.empty(1 << 60, dtype=torch.uint8)  # RuntimeError: ... can't allocate memory
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDecoder, "sample", sample)
+    prompts = tmp_path / "draw.jsonl"  # each asks for one picture
+    prompts.write_text("".join(json.dumps({"id": f"d{k}", "segments": [
+        {"type": "text", "text": "A small red circle is on the left."}, {"type": "image"}]}) + "\n" for k in range(4)))
+    args = ["generate", str(prompts), "--out", str(tmp_path / "out"), "--checkpoint", str(checkpoint), "--steps", "2",
+            "--max-new-tokens", "4", "--batch-size", "2", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
+    assert [line.split(":")[2] for line in failed] == ["1", "2"], result.output  # failed: FILE:LINE: ...
+    assert all("out of memory generating 2 document(s) together (one more allocation of" in line
+               and "--low-memory" in line and "--batch-size" in line for line in failed)
+    assert sorted(p.parent.name for p in (tmp_path / "out").glob("*/document.json")) == ["d2", "d3"]
+
+    def load(*args, **kwargs):
+        torch.empty(1 << 60, dtype=torch.uint8)
+
+    monkeypatch.setattr(MMInterleaved, "from_pretrained", load)
+    result = runner.invoke(app, args + ["--overwrite"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"error: out of memory loading the model from {checkpoint}")
+
+
 def test_a_real_browser_shows_the_images_and_text(tmp_path, checkpoint):
     binary = chromium()
     txt, jsonl = write_prompts(tmp_path)

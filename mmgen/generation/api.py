@@ -66,12 +66,17 @@ def model_folder(checkpoint: str | Path) -> Path:
 def load_model(checkpoint: str | Path = BUNDLED_CHECKPOINT, device: str = "auto", *, low_memory: bool = False):
     """The model of a model, checkpoint or run folder, and that model folder; ``low_memory``: in bfloat16."""
     from ..models.mm_interleaved import MMInterleaved
+    from ..oom import generation_oom, is_oom
 
     folder = model_folder(checkpoint)
     try:
         return MMInterleaved.from_pretrained(folder, device=resolve_device(device), low_memory=low_memory), folder
     except (FileNotFoundError, ValueError, OSError) as e:
         raise GenerationError(f"cannot load the model from {folder}: {e}") from None
+    except (RuntimeError, MemoryError) as e:
+        if not is_oom(e):
+            raise
+        raise GenerationError(str(generation_oom(e, f"loading the model from {folder}"))) from None
 
 
 def _check_names(settings: Any) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from ..oom import allocation, is_oom
 from .plot import read_metrics
 
 
@@ -140,21 +140,9 @@ class Loop:
                 f"{self.last_checkpoint or 'none (no checkpoint was written yet)'} and was left untouched. {hint}")
 
 
-def is_oom(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
 def out_of_memory(e: BaseException, part: str, last_ckpt: Path | None) -> str:
     """One line: which part ran out of memory, how much it asked for, what to try."""
-    m = re.search(r"(?:tried to allocate|allocate memory: you tried to allocate)\s+([\d.]+)\s*(bytes|[KMG]i?B)",
-                  str(e), re.IGNORECASE)
-    need = ""
-    if m:
-        n, unit = float(m[1]), m[2]
-        n = n / 2**30 if unit == "bytes" else n / 1024 if unit.upper().startswith("M") else n
-        need = f" (one more allocation of {n:.2f} GiB did not fit)"
-    return (f"out of memory in {part}{need}; the last checkpoint "
+    return (f"out of memory in {part}{allocation(e)}; the last checkpoint "
             f"{'is ' + str(last_ckpt) + ', untouched' if last_ckpt else 'does not exist yet'} — try --low-memory, "
             "a smaller data.seq_len or train.image_loss_limit")
 

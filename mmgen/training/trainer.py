@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..oom import is_oom
 from .checkpoint import CheckpointError, load_trainer_state, remove_partial, resolve_resume, save_checkpoint
 from .loader import BatchLoader
-from .loop import Loop, StepOutput, TrainingError, is_oom, out_of_memory, trim_metrics
+from .loop import Loop, StepOutput, TrainingError, out_of_memory, trim_metrics
 from .distributed import (EngineError, accelerator_kwargs, check_engine, configure_fsdp, full_model_state,
                           full_optimizer_state, is_sharded, load_full_optimizer_state)
 from .low_memory import compute_frozen_in_float32, enable_checkpointing
