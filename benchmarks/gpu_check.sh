@@ -16,6 +16,11 @@ set -uo pipefail
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-/tmp/mmgen-gpu-check}
 SMOKE=${SMOKE:-}
+# the whole check fits in BUDGET seconds (default 570: one 10-minute call): each step gets the lesser of
+# its own limit (SCALE_TIMEOUT 420, ENGINE_TIMEOUT 150) and what is left, so a quick step leaves more to the next
+START=$(date +%s)
+BUDGET=${BUDGET:-570}
+limit() { local left=$(( BUDGET - ($(date +%s) - START) )); echo $(( left < $1 ? left : $1 )); }
 OUT=${OUT:-$WORK}
 CACHE=${MMGEN_SCALE_CACHE:-$WORK/scale-cache}
 mkdir -p "$WORK" "$OUT"
@@ -37,9 +42,14 @@ if [ -n "$SMOKE" ]; then SCALE=(--smoke); else SCALE=(--device cuda --llm-layers
 
 SUMMARY=()
 note() { if [ "$2" = 0 ]; then SUMMARY+=("$1 ok"); elif [ "$2" = 124 ]; then SUMMARY+=("$1 timed out"); else SUMMARY+=("$1 failed"); fi; }
+in_time() {  # name, limit: run the rest with that limit, or say there was no time left for it
+  local t; t=$(limit "$2")
+  if [ "$t" -lt 20 ]; then echo "(no time left for $1)"; return 124; fi
+  timeout "$t" "${@:3}"
+}
 
 echo "== 1. scale benchmark (${SCALE[*]}; bitsandbytes: $BNB)"
-timeout "${SCALE_TIMEOUT:-330}" "$PYTHON" benchmarks/scale.py "${SCALE[@]}" | tee "$OUT/scale.txt"
+in_time scale "${SCALE_TIMEOUT:-420}" "$PYTHON" benchmarks/scale.py "${SCALE[@]}" | tee "$OUT/scale.txt"
 code=${PIPESTATUS[0]}
 if [ "$code" = 0 ] && ! tail -1 "$OUT/scale.txt" | grep -q '"errors": null'; then code=1; fi  # a part failed
 note scale "$code"
@@ -48,7 +58,7 @@ note scale "$code"
 mapfile -t RUN < <("$PYTHON" benchmarks/scale.py "${SCALE[@]}" --print-overrides)
 run_engine() {  # name, accelerate config: 2 steps on every GPU, the metrics rows copied to $OUT
   rm -rf "$WORK/$1"
-  timeout "${ENGINE_TIMEOUT:-120}" "$PYTHON" -m accelerate.commands.launch --config_file "$2" --num_processes "$NGPU" \
+  in_time "$1" "${ENGINE_TIMEOUT:-150}" "$PYTHON" -m accelerate.commands.launch --config_file "$2" --num_processes "$NGPU" \
     -m cli.main train -c configs/mm_interleaved_7b.yaml "${RUN[@]}" train.out_dir="$WORK/$1" \
     && cp "$WORK/$1/metrics.jsonl" "$OUT/metrics-$1.jsonl" && tail -2 "$OUT/metrics-$1.jsonl"
 }
@@ -66,7 +76,7 @@ fi
 if [ "$BNB" = yes ]; then
   echo "== 4. the frozen LLM in 4-bit (NF4) with --low-memory, 2 steps, one GPU"
   rm -rf "$WORK/nf4"
-  timeout "${ENGINE_TIMEOUT:-120}" "$PYTHON" -m cli.main train -c configs/mm_interleaved_7b.yaml "${RUN[@]}" \
+  in_time nf4 "${ENGINE_TIMEOUT:-150}" "$PYTHON" -m cli.main train -c configs/mm_interleaved_7b.yaml "${RUN[@]}" \
     model.llm.quantize=4bit train.out_dir="$WORK/nf4" --low-memory \
     && cp "$WORK/nf4/metrics.jsonl" "$OUT/metrics-nf4.jsonl" && tail -2 "$OUT/metrics-nf4.jsonl"
   note nf4 $?
