@@ -306,7 +306,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True  # bit-exact resume; costs a little speed on GPUs
     # `--low-memory`: gradient checkpointing in the LLM, UNet and vision tower, an 8-bit AdamW
-    # (bitsandbytes, CUDA) or Adafactor for the trainable weights, and frozen parts in bfloat16 when
+    # (bitsandbytes) or, where it cannot run, Adafactor for the trainable weights, and frozen parts in bfloat16 when
     # model.frozen_dtype is auto (mmgen/training/low_memory.py)
     low_memory: bool = False
 

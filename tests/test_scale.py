@@ -236,6 +236,38 @@ def test_low_memory_trains_with_checkpointing_and_a_lighter_optimizer(tmp_path, 
     assert not (result.last_checkpoint / "trainer" / "weights.safetensors").exists()  # no EMA: no weight copy
 
 
+def test_low_memory_optimizer_is_8bit_adamw_on_this_cpu_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """bitsandbytes (a test dependency) runs its 8-bit AdamW on CPUs: ``--low-memory`` takes it there too,
+    its state is 8-bit, and a run resumed half-way ends with the same losses and weights."""
+    from mmgen.training.low_memory import low_memory_optimizer
+
+    run = ["train.steps=4", "train.low_memory=true", "train.ema_decay=null", "train.log_every=1"]
+    train(tiny_config(tmp_path / "a", *run, "train.save_every=4"), show_progress=False)
+    assert "optimizer AdamW8bit;" in capsys.readouterr().out
+    resumed = tiny_config(tmp_path / "b", *run, "train.save_every=2")
+    train(resumed, max_steps=2, show_progress=False)
+    train(resumed, resume="auto", show_progress=False)
+    state = torch.load(tmp_path / "a" / "step-000004" / "trainer" / "optimizer.pt", weights_only=True)["state"]
+
+    def moments(st: dict):  # bitsandbytes packs its state under __bnb_optimizer_quant_state__
+        for k, v in st.items():
+            yield from moments(v) if isinstance(v, dict) else [v.dtype] if k.startswith("state") else []
+
+    kinds = {dtype for st in state.values() for dtype in moments(st)}
+    assert torch.uint8 in kinds  # the weights of 4096 or more elements keep 1 byte per moment
+    a, b = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = (load_file(tmp_path / r / "step-000004" / "model" / "model.safetensors") for r in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    p = torch.nn.Parameter(torch.zeros(4096))
+    opt, line = low_memory_optimizer([{"params": [p], "lr": 1e-3}], betas=(0.9, 0.999), eps=1e-8)
+    assert isinstance(opt, torch.optim.Adafactor) and line.endswith("(torch; the 8-bit AdamW: bitsandbytes is not installed)")
+
+
 def test_out_of_memory_is_one_line_with_the_part_the_need_and_the_switch(tmp_path):
     e = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                      "you tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")

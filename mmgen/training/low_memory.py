@@ -2,9 +2,10 @@
 
 - gradient checkpointing in the LLM, the UNet and the vision tower (when they train): activations
   are recomputed in the backward pass — about a third more compute per step, much less memory;
-- an 8-bit AdamW (bitsandbytes, CUDA) for the trainable weights: 2 bytes of state per weight
-  instead of 8. Without bitsandbytes or CUDA, torch's Adafactor (factored second moments, no
-  first moment: a few bytes per matrix row and column) takes its place, said in one line;
+- an 8-bit AdamW (bitsandbytes) for the trainable weights: 2 bytes of state per weight instead of
+  8, on CUDA and on CPUs (bitsandbytes >= 0.49 runs it there; a one-step probe decides). Where it
+  cannot run, torch's Adafactor (factored second moments, no first moment: a few bytes per matrix
+  row and column) takes its place, said in one line;
 - frozen components in bfloat16 when ``model.frozen_dtype`` is "auto" (half their memory). A run
   that computes in float32 (no ``train.mixed_precision``, as on a CPU, whose bf16 matmuls are
   slow) keeps their weights stored in bf16 and casts each layer up while it runs.
@@ -35,17 +36,29 @@ def enable_checkpointing(model) -> list[str]:
 
 
 def low_memory_optimizer(groups: list[dict], *, betas, eps: float) -> tuple[torch.optim.Optimizer, str]:
-    """bitsandbytes' 8-bit AdamW on CUDA, else torch's Adafactor; returns it and a line saying which."""
+    """bitsandbytes' 8-bit AdamW where it runs (CUDA; CPUs with bitsandbytes >= 0.49), else torch's
+    Adafactor; returns it and a line saying which."""
     on_cuda = any(p.is_cuda for g in groups for p in g["params"]) or torch.cuda.is_available()
     try:
         import bitsandbytes as bnb
     except ImportError:
         bnb = None
-    if bnb is not None and on_cuda:
+    why = "bitsandbytes is not installed" if bnb is None else _adamw8bit_problem(bnb, "cuda" if on_cuda else "cpu")
+    if why is None:
         return bnb.optim.AdamW8bit(groups, betas=tuple(betas), eps=eps), "8-bit AdamW (bitsandbytes)"
-    why = "bitsandbytes is not installed" if bnb is None else "there is no CUDA device"
-    return (torch.optim.Adafactor(groups, lr=groups[0]["lr"]),
-            f"Adafactor (torch; the 8-bit AdamW needs bitsandbytes on CUDA, and {why})")
+    return torch.optim.Adafactor(groups, lr=groups[0]["lr"]), f"Adafactor (torch; the 8-bit AdamW: {why})"
+
+
+def _adamw8bit_problem(bnb, device: str) -> str | None:
+    """None where bitsandbytes' 8-bit AdamW takes a step on ``device``, else why not. The probe is one
+    4096-element tensor: the smallest that bitsandbytes keeps in 8 bits."""
+    p = torch.nn.Parameter(torch.zeros(4096, device=device))
+    p.grad = torch.ones_like(p)
+    try:
+        bnb.optim.AdamW8bit([p]).step()
+    except Exception as e:  # an old bitsandbytes without this device's kernels, a broken install
+        return f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run it on {device} ({type(e).__name__})"
+    return None
 
 
 def compute_frozen_in_float32(model) -> list[str]:
