@@ -1,5 +1,6 @@
-"""The names that differ between the transformers 5.x releases we support (``transformers>=5.0,<6``):
-one function per seam, so the code that calls a model reads the same on each."""
+"""The names that differ between the transformers 5.x releases we support (``transformers>=5.17,<6``;
+``make test-oldest`` runs the tests on 5.17): one function per seam, so the code that calls a model
+reads the same on each."""
 
 from __future__ import annotations
 

@@ -94,8 +94,12 @@ class MMInterleaved(nn.Module):
         # a frozen LLM is read in the dtype it is kept in: no full-precision copy on the way. A 4/8-bit
         # one computes in its own dtype (no layer-by-layer cast), so it takes the run's compute dtype
         # (float32 in a CPU run even under --low-memory, or its hidden states would reach float32 MMFS in bf16)
-        lm_dtype = torch.float32 if m.llm.trainable else getattr(torch, cfg.frozen_dtype_name()) \
-            if m.llm.quantize != "none" else _frozen_dtype(cfg)
+        if m.llm.trainable:
+            lm_dtype = torch.float32
+        elif m.llm.quantize != "none":
+            lm_dtype = getattr(torch, cfg.frozen_dtype_name())
+        else:
+            lm_dtype = _frozen_dtype(cfg)
         lm = build_llm(m.llm, len(tokenizer), dtype=lm_dtype)
         self.llm = MMFSLanguageModel(lm, m.mmfs, value_dim=C, num_levels=L, text_only_layers=m.llm.text_only_layers,
                                      gradient_checkpointing=m.llm.gradient_checkpointing)

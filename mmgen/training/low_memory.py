@@ -3,7 +3,7 @@
 - gradient checkpointing in the LLM, the UNet and the vision tower (when they train): activations
   are recomputed in the backward pass — about a third more compute per step, much less memory;
 - an 8-bit AdamW (bitsandbytes) for the trainable weights: 2 bytes of state per weight instead of
-  8, on CUDA and on CPUs (bitsandbytes >= 0.49 runs it there; a one-step probe decides). Where it
+  8, on CUDA and on CPUs where bitsandbytes runs it (0.50 does; a one-step probe decides). Where it
   cannot run, torch's Adafactor (factored second moments, no first moment: a few bytes per matrix
   row and column) takes its place, said in one line;
 - frozen components in bfloat16 when ``model.frozen_dtype`` is "auto" (half their memory). A run
@@ -36,7 +36,7 @@ def enable_checkpointing(model) -> list[str]:
 
 
 def low_memory_optimizer(groups: list[dict], *, betas, eps: float) -> tuple[torch.optim.Optimizer, str]:
-    """bitsandbytes' 8-bit AdamW where it runs (CUDA; CPUs with bitsandbytes >= 0.49), else torch's
+    """bitsandbytes' 8-bit AdamW where it runs (CUDA; CPUs with a recent bitsandbytes), else torch's
     Adafactor; returns it and a line saying which."""
     on_cuda = any(p.is_cuda for g in groups for p in g["params"]) or torch.cuda.is_available()
     try:
