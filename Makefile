@@ -43,7 +43,7 @@ gpu-check:
 
 # wheels that gpu-check installs on a GPU machine that lacks them and has no network (x86-64, Python 3.12):
 # diffusers and its importlib_metadata, bitsandbytes (8-bit AdamW, 4/8-bit LLM); ~50 MB in .whl/
-GPU_WHEELS = "diffusers>=0.42,<0.43" importlib_metadata "bitsandbytes>=0.45"
+GPU_WHEELS = "diffusers>=0.42,<0.43" importlib_metadata "bitsandbytes>=0.49"
 gpu-wheels:
 	rm -rf .whl
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -16,10 +16,10 @@ set -uo pipefail
 PYTHON=${PYTHON:-python3}
 WORK=${WORK:-/tmp/mmgen-gpu-check}
 SMOKE=${SMOKE:-}
-# the whole check fits in BUDGET seconds (default 570: one 10-minute call): each step gets the lesser of
-# its own limit (SCALE_TIMEOUT 420, ENGINE_TIMEOUT 150) and what is left, so a quick step leaves more to the next
+# the whole check fits in BUDGET seconds (default 460: under 8 minutes with the set-up): each step gets the lesser of
+# its own limit (SCALE_TIMEOUT 330, ENGINE_TIMEOUT 150) and what is left, so a quick step leaves more to the next
 START=$(date +%s)
-BUDGET=${BUDGET:-570}
+BUDGET=${BUDGET:-460}
 limit() { local left=$(( BUDGET - ($(date +%s) - START) )); echo $(( left < $1 ? left : $1 )); }
 OUT=${OUT:-$WORK}
 CACHE=${MMGEN_SCALE_CACHE:-$WORK/scale-cache}
@@ -49,7 +49,7 @@ in_time() {  # name, limit: run the rest with that limit, or say there was no ti
 }
 
 echo "== 1. scale benchmark (${SCALE[*]}; bitsandbytes: $BNB)"
-in_time scale "${SCALE_TIMEOUT:-420}" "$PYTHON" benchmarks/scale.py "${SCALE[@]}" | tee "$OUT/scale.txt"
+in_time scale "${SCALE_TIMEOUT:-330}" "$PYTHON" benchmarks/scale.py "${SCALE[@]}" | tee "$OUT/scale.txt"
 code=${PIPESTATUS[0]}
 if [ "$code" = 0 ] && ! tail -1 "$OUT/scale.txt" | grep -q '"errors": null'; then code=1; fi  # a part failed
 note scale "$code"
