@@ -38,6 +38,7 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def generation_oom(e: BaseException, part: str) -> OutOfMemory:
-    return OutOfMemory(f"out of memory {part}{allocation(e)} — try --low-memory (bfloat16; on a GPU the big "
-                       "components move there only while they run), a smaller --batch-size or --max-images")
+def generation_oom(e: BaseException, part: str) -> str:
+    """The line for ``mmgen generate``: the part that ran out, what it asked for, the switches to try."""
+    return (f"out of memory {part}{allocation(e)} — try --low-memory (bfloat16; on a GPU the big "
+            "components move there only while they run), a smaller --batch-size or --max-images")

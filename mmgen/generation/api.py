@@ -76,7 +76,7 @@ def load_model(checkpoint: str | Path = BUNDLED_CHECKPOINT, device: str = "auto"
     except (RuntimeError, MemoryError) as e:
         if not is_oom(e):
             raise
-        raise GenerationError(str(generation_oom(e, f"loading the model from {folder}"))) from None
+        raise GenerationError(generation_oom(e, f"loading the model from {folder}")) from None
 
 
 def _check_names(settings: Any) -> None:

@@ -36,7 +36,7 @@ from ..data.collate import encode_document, image_to_tensor, tensor_to_image
 from ..data.documents import Document, Segment
 from ..data.kinds import kind_id, kind_ids
 from ..data.shapes import foreign_sentences
-from ..oom import generation_oom, is_oom, release
+from ..oom import OutOfMemory, generation_oom, is_oom, release
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Generator:
             except Exception as e:  # out of memory: this batch's unfinished documents fail, the next batches run
                 if not is_oom(e):
                     raise
-                error = generation_oom(e, f"generating {len(docs)} document(s) together")
+                error = OutOfMemory(generation_oom(e, f"generating {len(docs)} document(s) together"))
             if error is not None:
                 release()  # outside the except block: the error's frames (and their tensors) are gone
                 yield from ((i, error) for i in docs if i not in done)
